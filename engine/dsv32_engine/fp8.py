@@ -1,0 +1,116 @@
+"""FP8 e4m3 arithmetic shared by the engine, the checkpoint tools and the kernels' torch twins.
+
+Conventions (spec §3.4, §6.2, §6.3, §8):
+* activations / cache values: one scale per 128-value block, rounded up to a
+  power of two (ue8m0): ``s = 2^ceil(log2(max(amax, 1e-4) / 448))``; stored
+  values are ``clamp(x / s, ±448)`` in e4m3 and ``x ≈ q · s``;
+* weights: 128×128 blocks, ``weight_scale_inv`` is a multiplier: ``W = Wq · s``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .layout import FP8_TILE, CacheLayout
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+AMAX_FLOOR = 1e-4
+
+
+def pow2_scale(amax: torch.Tensor) -> torch.Tensor:
+    """Power-of-two scale that maps ``amax`` into the e4m3 range."""
+    return torch.exp2(torch.ceil(torch.log2(amax.clamp_min(AMAX_FLOOR) / FP8_MAX)))
+
+
+def quant_blocks(x: torch.Tensor, block: int = FP8_TILE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise the last dim in blocks of ``block`` values: ``(q [..., n] e4m3, s [..., n/block] fp32)``."""
+    *lead, n = x.shape
+    if n % block:
+        raise ValueError(f"last dim {n} is not a multiple of the FP8 block {block}")
+    xb = x.float().reshape(*lead, n // block, block)
+    s = pow2_scale(xb.abs().amax(dim=-1))
+    q = (xb / s.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.reshape(*lead, n), s
+
+
+def dequant_blocks(q: torch.Tensor, s: torch.Tensor, block: int = FP8_TILE) -> torch.Tensor:
+    *lead, n = q.shape
+    return (q.float().reshape(*lead, n // block, block) * s.unsqueeze(-1)).reshape(*lead, n)
+
+
+def fake_quant(x: torch.Tensor, block: int = FP8_TILE) -> torch.Tensor:
+    """Round-trip through FP8 (what REF does to the latent before caching)."""
+    return dequant_blocks(*quant_blocks(x, block), block).to(x.dtype)
+
+
+_HADAMARD: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def hadamard_matrix(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Orthonormal Sylvester Walsh–Hadamard matrix (``H @ H.T == I``)."""
+    key = (n, torch.device(device))
+    if key not in _HADAMARD:
+        if n & (n - 1):
+            raise ValueError(f"Hadamard size must be a power of two, got {n}")
+        h = torch.ones(1, 1)
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        _HADAMARD[key] = (h / math.sqrt(n)).to(device)
+    return _HADAMARD[key]
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Rotate the last dim; preserves dot products, spreads outliers before FP8."""
+    h = hadamard_matrix(x.shape[-1], x.device)
+    return (x.float() @ h).to(x.dtype)
+
+
+# -- the 656-byte FlashMLA latent record (spec §6.2) -------------------------------
+def pack_latent(c: torch.Tensor, k_pe: torch.Tensor, layout: CacheLayout) -> torch.Tensor:
+    """``c [..., 512]``, ``k_pe [..., 64]`` → ``uint8 [..., 656]``."""
+    q, s = quant_blocks(c)
+    rope = k_pe.to(torch.bfloat16).contiguous()
+    parts = [q.view(torch.uint8), s.contiguous().view(torch.uint8), rope.view(torch.uint8)]
+    out = torch.cat(parts, dim=-1)
+    assert out.shape[-1] == layout.latent_token_bytes
+    return out
+
+
+def unpack_latent(rec: torch.Tensor, layout: CacheLayout) -> torch.Tensor:
+    """``uint8 [..., 656]`` → dequantised ``float32 [..., 576]`` (``[c ‖ k_pe]``)."""
+    rec = rec.contiguous()
+    q = rec[..., : layout.kv_lora_rank].view(FP8)
+    s = rec[..., layout.latent_scale_offset : layout.latent_rope_offset].contiguous().view(torch.float32)
+    rope = rec[..., layout.latent_rope_offset :].contiguous().view(torch.bfloat16)
+    return torch.cat([dequant_blocks(q, s), rope.float()], dim=-1)
+
+
+# -- the 8448-byte DeepGEMM indexer page (spec §6.3) --------------------------------
+def index_page_views(pool: torch.Tensor, layout: CacheLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of an fp8 index pool ``[P, 8448]`` as keys ``[P, 64, 128]`` e4m3 and scales ``[P, 64]`` fp32."""
+    n = layout.index_scale_offset
+    keys = pool[:, :n].view(FP8).view(pool.shape[0], layout.page_size, layout.index_head_dim)
+    scales = pool[:, n:].view(torch.float32)
+    return keys, scales
+
+
+# -- block-scaled FP8 weights (spec §8) ------------------------------------------------
+def quant_weight(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[out, in]`` → (e4m3 weight, fp32 ``weight_scale_inv`` ``[ceil(out/128), ceil(in/128)]``)."""
+    out_f, in_f = w.shape
+    po, pi = -(-out_f // block) * block, -(-in_f // block) * block
+    wp = torch.zeros(po, pi, dtype=torch.float32)
+    wp[:out_f, :in_f] = w.float()
+    blocks = wp.view(po // block, block, pi // block, block)
+    s = pow2_scale(blocks.abs().amax(dim=(1, 3)))
+    q = (blocks / s[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.view(po, pi)[:out_f, :in_f].contiguous(), s
+
+
+def dequant_weight(q: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> torch.Tensor:
+    out_f, in_f = q.shape
+    s = scale_inv.float().repeat_interleave(block, 0)[:out_f].repeat_interleave(block, 1)[:, :in_f]
+    return q.float() * s

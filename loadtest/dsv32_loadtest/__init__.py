@@ -1,0 +1,1 @@
+"""dsv32_loadtest."""
