@@ -1,0 +1,117 @@
+"""The Redis state module against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from dsv32_router.state import AsyncClusterState, ClusterState, InvalidTransition, WorkerInfo
+
+
+@pytest.fixture
+def state(redis_url):
+    st = ClusterState.from_url(redis_url, prefix="t:", heartbeat_ttl_s=0.3)
+    yield st
+    st.client.close()
+
+
+def test_worker_registry_heartbeat_and_expiry(state):
+    d = WorkerInfo("d0", "decode", "127.0.0.1:1", transfer_endpoint="127.0.0.1:2", free_pages=10, total_pages=16)
+    p = WorkerInfo("p0", "prefill", "127.0.0.1:3", queued_tokens=5)
+    state.register(d)
+    state.register(p)
+    assert {w.worker_id for w in state.workers()} == {"d0", "p0"}
+    [got] = state.workers("decode")
+    assert (got.free_pages, got.total_pages, got.transfer_endpoint) == (10, 16, "127.0.0.1:2")
+    assert isinstance(got.updated_at, float) and got.updated_at > 0
+    # p0 keeps heartbeating, d0 goes silent: it vanishes after the TTL.
+    deadline = time.time() + 0.6
+    while time.time() < deadline:
+        p.queued_tokens += 1
+        state.heartbeat(p)
+        time.sleep(0.1)
+    assert [w.worker_id for w in state.workers()] == ["p0"]
+    assert state.client.zrange(state.keys.workers, 0, -1) == ["p0"], "dead members are pruned from the index"
+    assert state.workers("prefill")[0].queued_tokens == p.queued_tokens
+    state.deregister("p0")
+    assert state.workers() == []
+
+
+def test_worker_role_is_checked():
+    with pytest.raises(ValueError, match="role"):
+        WorkerInfo("x", "router", "h:1")
+
+
+def test_request_state_machine(state):
+    state.create_request("r1", router="rt", session_id="s", prompt_tokens=7)
+    rec = state.request("r1")
+    assert rec["state"] == "queued" and rec["attempts"] == "1" and rec["prompt_tokens"] == "7"
+    assert state.transition("r1", "prefilling", prefill_worker="p0", decode_worker="d0") == "queued"
+    state.transition("r1", "transferring")
+    with pytest.raises(InvalidTransition, match="transferring.*finished"):
+        state.transition("r1", "finished")  # must decode first
+    state.transition("r1", "queued", error="checksum mismatch")  # retry
+    assert state.request("r1")["attempts"] == "2"
+    for s in ("prefilling", "transferring", "decoding"):
+        state.transition("r1", s)
+    state.transition("r1", "finished", finish_reason="length", completion_tokens=4)
+    rec = state.request("r1")
+    assert rec["state"] == "finished" and rec["finish_reason"] == "length"
+    for s in ("queued", "prefilling", "transferring", "decoding", "finished"):
+        assert float(rec[f"{s}_at"]) <= float(rec["updated_at"])
+    assert float(rec["created_at"]) <= float(rec["queued_at"]) <= float(rec["prefilling_at"]) <= float(rec["finished_at"])
+    for s in ("cancelled", "failed", "queued", "decoding"):
+        with pytest.raises(InvalidTransition):
+            state.transition("r1", s)  # terminal is terminal
+    with pytest.raises(InvalidTransition, match="missing"):
+        state.transition("nope", "prefilling")
+    with pytest.raises(ValueError, match="unknown request state"):
+        state.transition("r1", "exploded")
+    assert state.recent_requests() == ["r1"]
+    assert 0 < state.client.ttl(state.keys.request("r1")) <= state.record_ttl_s
+
+
+def test_cancel_from_any_in_progress_state(state):
+    for i, s in enumerate(("queued", "prefilling", "transferring", "decoding")):
+        rid = f"c{i}"
+        state.create_request(rid)
+        for step in ("prefilling", "transferring", "decoding")[: i]:
+            state.transition(rid, step)
+        assert state.request(rid)["state"] == s
+        state.transition(rid, "cancelled", error="client cancelled")
+        assert state.request(rid)["state"] == "cancelled"
+
+
+def test_sessions(state):
+    assert state.session("s1") == {}
+    state.record_turn("s1", "r1", "d0", prompt_tokens=10, completion_tokens=5)
+    state.record_turn("s1", "r2", "d0", prompt_tokens=30, completion_tokens=6)
+    sess = state.session("s1")
+    assert sess["decode_worker"] == "d0" and sess["turns"] == "2" and sess["last_request_id"] == "r2"
+    assert (sess["prompt_tokens"], sess["completion_tokens"]) == ("40", "11")
+    assert state.session_turns("s1") == ["r1", "r2"]
+    assert 0 < state.client.ttl(state.keys.session("s1")) <= state.session_ttl_s
+    assert 0 < state.client.ttl(state.keys.session_turns("s1")) <= state.session_ttl_s
+
+
+def test_async_state_matches_sync(redis_url, state):
+    async def go():
+        ast = AsyncClusterState.from_url(redis_url, prefix="t:")
+        try:
+            await ast.register(WorkerInfo("d1", "decode", "h:1", free_pages=3))
+            assert [w.free_pages for w in await ast.workers("decode")] == [3]
+            await ast.create_request("a1", router="x")
+            await ast.transition("a1", "prefilling")
+            with pytest.raises(InvalidTransition):
+                await ast.transition("a1", "finished")
+            await ast.transition("a1", "cancelled")
+            await ast.record_turn("s", "a1", "d1", 1, 2)
+            assert (await ast.session("s"))["decode_worker"] == "d1"
+        finally:
+            await ast.aclose()
+
+    asyncio.run(go())
+    assert state.request("a1")["state"] == "cancelled"
+    assert state.session("s")["turns"] == "1"
