@@ -1,0 +1,210 @@
+"""``dsv32-serve loadtest``: load-test a running cluster through the public gRPC API.
+
+Exit status: 0 when the report is written and requests completed; 1 when the
+run was cut short (the target went away, Ctrl-C) or nothing completed — the
+partial report is still written; 2 on a usage error, an unreachable target or
+a malformed trace (one line on stderr, no report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .arrivals import PROCESSES, Arrival
+from .tokens import SOURCES
+
+EPILOG = """examples:
+  dsv32-serve loadtest --input-len 512 --output-len 128 --request-rate 2 --num-prompts 200
+  dsv32-serve loadtest --workload mixed --request-rate 0.5,1,2,4 --slo ttft=2000,tpot=200
+  dsv32-serve loadtest --arrival closed --concurrency 8 --num-prompts 64
+  dsv32-serve loadtest --workload trace --trace mooncake.jsonl --trace-time-scale 4
+  dsv32-serve loadtest --compare disagg/report.json coloc/report.json"""
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected rates like 1 or 0.5,1,2, got {text!r}") from None
+    if not rates or any(not r > 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"request rates must be > 0 (inf = all at once), got {text!r}")
+    return rates
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = EPILOG
+    g = p.add_argument_group("target")
+    g.add_argument("--target", default="127.0.0.1:50051", help="gRPC address of the router (loopback only)")
+    g.add_argument("--model", default="", help="model id to request (default: the served model)")
+    g.add_argument("--connections", type=int, default=4, help="gRPC connections to share among requests")
+    g.add_argument("--wait-for-server", type=float, default=0.0, metavar="S",
+                   help="keep probing an unreachable target for S seconds before giving up")
+
+    g = p.add_argument_group("workload")
+    g.add_argument("--workload", choices=("synthetic", "mixed", "sessions", "trace"), default="synthetic")
+    g.add_argument("--num-prompts", type=int, default=None,
+                   help="requests in all (default 100; a trace: all its lines)")
+    g.add_argument("--input-len", type=int, default=None, help="prompt tokens (sessions: new tokens per turn)")
+    g.add_argument("--output-len", type=int, default=None, help="generated tokens (exact: ignore_eos)")
+    g.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in [L(1-r), L(1+r)]")
+    g.add_argument("--long-input-len", type=int, default=2048, help="mixed: prompt tokens of long requests")
+    g.add_argument("--long-output-len", type=int, default=16, help="mixed: output tokens of long requests")
+    g.add_argument("--long-fraction", type=float, default=0.25, help="mixed: share of long requests")
+    g.add_argument("--turns", type=int, default=4, help="sessions: turns per session")
+    g.add_argument("--shared-prefix-len", type=int, default=256, help="sessions: shared system-prompt tokens")
+    g.add_argument("--prefix-groups", type=int, default=1, help="sessions: distinct shared prefixes")
+    g.add_argument("--think-time", type=float, default=0.0, metavar="S", help="sessions: pause between turns")
+    g.add_argument("--trace", help="trace: JSONL file in the Mooncake shape")
+    g.add_argument("--trace-time-scale", type=float, default=1.0, help="trace: replay speed-up factor")
+    g.add_argument("--trace-block-size", type=int, default=512, help="trace: tokens per hash id")
+    g.add_argument("--prompt-source", choices=SOURCES, default="ids",
+                   help="ids: ordinary token ids; text: tokenized random words (dsv32_engine.tokenizer)")
+    g.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                   help="let requests stop at EOS (lengths are then no longer exact)")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: server's)")
+    g.add_argument("--seed", type=int, default=0, help="seeds prompts, lengths and arrivals")
+
+    g = p.add_argument_group("arrivals")
+    g.add_argument("--arrival", choices=PROCESSES, default="poisson",
+                   help="poisson | gamma (see --burstiness) | burst (all at once) | closed (--concurrency users)")
+    g.add_argument("--request-rate", type=_rates, default=[1.0], metavar="R[,R...]",
+                   help="requests/s (sessions: session starts/s); a list runs a sweep, one run per rate")
+    g.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 = Poisson, <1 burstier")
+    g.add_argument("--concurrency", type=int, default=None,
+                   help="cap on requests in flight; the number of users for --arrival closed")
+
+    g = p.add_argument_group("limits and SLO")
+    g.add_argument("--max-duration", type=float, default=600.0, metavar="S",
+                   help="no request starts later than S seconds into a run")
+    g.add_argument("--request-timeout", type=float, default=300.0, metavar="S", help="deadline of each request")
+    g.add_argument("--abort-after-unavailable", type=int, default=10, metavar="N",
+                   help="stop a run after N consecutive UNAVAILABLE errors (the target is gone)")
+    g.add_argument("--slo", default=None, metavar="ttft=MS,tpot=MS,e2e=MS", help="SLOs for goodput (any subset)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", type=Path, default=None,
+                   help="where report.json, requests.csv and the plots go (default loadtest_results/<time>)")
+    g.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                   help="print two saved reports side by side (B/A ratios) and plot them together")
+
+
+def _workload(a: argparse.Namespace) -> Any:
+    from .workloads import MixedWorkload, SessionWorkload, SyntheticWorkload, TraceWorkload
+
+    lens = {k: v for k, v in (("input_len", a.input_len), ("output_len", a.output_len)) if v is not None}
+    common = {"seed": a.seed}
+    if a.workload == "synthetic":
+        return SyntheticWorkload(range_ratio=a.range_ratio, **lens, **common)
+    if a.workload == "mixed":
+        return MixedWorkload(long_input_len=a.long_input_len, long_output_len=a.long_output_len,
+                             long_fraction=a.long_fraction, range_ratio=a.range_ratio, **lens, **common)
+    if a.workload == "sessions":
+        return SessionWorkload(turns=a.turns, shared_prefix_len=a.shared_prefix_len,
+                               prefix_groups=a.prefix_groups, range_ratio=a.range_ratio,
+                               think_time_s=a.think_time, **lens, **common)
+    if not a.trace:
+        raise ValueError("--workload trace needs --trace FILE")
+    if lens:
+        raise ValueError("a trace brings its own lengths: drop --input-len/--output-len")
+    return TraceWorkload(a.trace, block_size=a.trace_block_size, time_scale=a.trace_time_scale, **common)
+
+
+def _plan(a: argparse.Namespace) -> tuple[Any, Arrival, list[float] | None, Any, dict[str, Any]]:
+    from .metrics import Slo
+
+    workload = _workload(a)
+    rates = a.request_rate
+    finite = all(math.isfinite(r) for r in rates)
+    process = a.arrival if finite else "burst"
+    if len(rates) > 1 and not finite:
+        raise ValueError("a rate sweep takes finite rates only")
+    arrival = Arrival(process, rate=rates[0], burstiness=a.burstiness, concurrency=a.concurrency, seed=a.seed)
+    sweep = rates if len(rates) > 1 else None
+    if a.workload == "trace" and sweep:
+        raise ValueError("a trace brings its own timestamps: use --trace-time-scale instead of a rate sweep")
+    options = dict(num_prompts=None if a.workload == "trace" else 100, connections=a.connections,
+                   request_timeout_s=a.request_timeout, max_duration_s=a.max_duration, model=a.model,
+                   ignore_eos=a.ignore_eos, temperature=a.temperature, prompt_source=a.prompt_source,
+                   seed=a.seed, wait_for_server_s=a.wait_for_server,
+                   abort_after_unavailable=a.abort_after_unavailable, progress=a.progress, handle_sigint=True)
+    if a.num_prompts is not None:
+        options["num_prompts"] = a.num_prompts
+    return workload, arrival, sweep, Slo.parse(a.slo) if a.slo else None, options
+
+
+def _out_dir(a: argparse.Namespace) -> Path:
+    d = a.output_dir or Path("loadtest_results") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _error(msg: str) -> int:
+    print(f"dsv32-serve loadtest: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _short_name(path: str) -> str:
+    """``runs/disagg/report.json`` → ``disagg``; ``coloc.json`` → ``coloc``."""
+    p = Path(path)
+    return p.parent.name or p.stem if p.name == "report.json" else p.stem
+
+
+def _compare(a: argparse.Namespace) -> int:
+    from .compare import compare_text
+    from .plots import plot_compare
+    from .report import load_json
+
+    try:
+        docs = [(_short_name(p), load_json(p)) for p in a.compare]
+    except ValueError as e:
+        return _error(str(e))
+    print(compare_text(docs[0], docs[1]))
+    if a.plots:
+        print(f"plot: {plot_compare(docs[0], docs[1], _out_dir(a) / 'compare.png')}")
+    return 0
+
+
+def run(a: argparse.Namespace) -> int:
+    if a.compare:
+        return _compare(a)
+    from .client import TargetError
+    from .plots import plot_report
+    from .report import format_summary, format_sweep, report_dict, write_csv, write_json
+    from .runner import run_load
+
+    try:
+        workload, arrival, sweep, slo, options = _plan(a)
+        report = run_load(a.target, workload, arrival, slo=slo, rates=sweep, **options)
+    except (TargetError, ValueError) as e:
+        return _error(str(e))
+    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "func"}
+    doc = report_dict(report, command=shlex.join(sys.argv), argv=sys.argv, args=args)
+    out = _out_dir(a)
+    write_json(doc, out / "report.json")
+    write_csv(doc, out / "requests.csv")
+    plots = plot_report(doc, out) if a.plots else []
+    for w in doc["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    if len(doc["runs"]) == 1:
+        print(format_summary(doc["runs"][0]))
+    rows = [row for r in doc["runs"] for row in
+            [(r["label"], r["summary"]), *((f"  {k}", s) for k, s in r["summary_by_kind"].items())]]
+    if len(rows) > 1:
+        print(format_sweep(rows))
+    print(f"report: {out / 'report.json'}  csv: {out / 'requests.csv'}"
+          + "".join(f"  plot: {p}" for p in plots))
+    cut_short = [r["aborted"] for r in doc["runs"] if r["aborted"] and not r["aborted"].startswith("time limit")]
+    if cut_short or not any(r["summary"]["completed"] for r in doc["runs"]):
+        print(f"dsv32-serve loadtest: run incomplete: {cut_short[0] if cut_short else 'no request completed'}"
+              f"; partial report in {out}", file=sys.stderr)
+        return 1
+    return 0

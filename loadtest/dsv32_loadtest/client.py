@@ -1,0 +1,144 @@
+"""The asyncio gRPC client: a fixed pool of connections, one streaming call per request.
+
+Each request's stream is timed on the client's clock (``time.perf_counter``)
+into a ``RequestResult``; every outcome — success, a gRPC status, a stream
+that ended without tokens, a harness bug, a cancellation — ends up in that
+record's ``status``, so nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from typing import Any
+
+import grpc
+
+from ._api import serving_pb2 as pb
+from ._api import serving_pb2_grpc as pb_grpc
+from .metrics import CLIENT_ERROR, EMPTY_STREAM, FINISH_ABORT, OK, RequestResult
+
+_MAX_MESSAGE = 64 << 20
+
+
+class TargetError(RuntimeError):
+    """The target cannot be load-tested; the message is one line for the user."""
+
+
+def check_loopback(target: str) -> None:
+    """Refuse anything but this machine: ``host:port`` on loopback, or ``unix:``."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return
+    rest = target
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if rest.startswith(scheme):
+            rest = rest[len(scheme):]
+            break
+    if rest.startswith("["):
+        host = rest[1:rest.find("]")] if "]" in rest else ""
+    else:
+        host = rest.rsplit(":", 1)[0] if rest.count(":") == 1 else rest
+    if host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    raise TargetError(f"target {target!r} is not on this machine: the load tester only drives "
+                      "loopback targets (localhost, 127.0.0.0/8, [::1], unix:)")
+
+
+class GenerationClient:
+    """``connections`` channels (one HTTP/2 connection each), used round-robin."""
+
+    def __init__(self, target: str, connections: int = 4):
+        check_loopback(target)
+        if connections < 1:
+            raise ValueError(f"connections must be >= 1, got {connections}")
+        self.target = target
+        # A local subchannel pool per channel: otherwise equal channels share one connection.
+        options = [("grpc.use_local_subchannel_pool", 1),
+                   ("grpc.max_receive_message_length", _MAX_MESSAGE),
+                   ("grpc.max_send_message_length", _MAX_MESSAGE)]
+        self._channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(connections)]
+        self._stubs = [pb_grpc.GenerationStub(ch) for ch in self._channels]
+        self._next = 0
+
+    async def close(self) -> None:
+        await asyncio.gather(*(ch.close() for ch in self._channels))
+
+    async def __aenter__(self) -> "GenerationClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    def _stub(self) -> pb_grpc.GenerationStub:
+        self._next = (self._next + 1) % len(self._stubs)
+        return self._stubs[self._next]
+
+    async def probe(self, timeout_s: float = 10.0, wait_s: float = 0.0) -> list[dict[str, Any]]:
+        """The served models (``ListModels``); ``TargetError`` if nothing answers.
+
+        Retries for ``wait_s`` seconds, for a cluster that is still starting.
+        A server that does not implement ``ListModels`` gives an empty list.
+        """
+        give_up = time.monotonic() + wait_s
+        while True:
+            try:
+                reply = await self._stubs[0].ListModels(pb.ListModelsRequest(), timeout=timeout_s)
+                return [{"id": m.id, "max_model_len": m.max_model_len, "vocab_size": m.vocab_size,
+                         "numerics": m.numerics} for m in reply.models]
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return []
+                retryable = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                if not retryable or time.monotonic() >= give_up:
+                    detail = (e.details() or "").splitlines()[0] if e.details() else ""
+                    raise TargetError(f"no dsv32 Generation server answers at {self.target}: "
+                                      f"{e.code().name}{': ' + detail if detail else ''}") from None
+            await asyncio.sleep(0.5)
+
+    async def generate(self, request: pb.GenerateRequest, result: RequestResult, t0: float,
+                       timeout_s: float) -> None:
+        """Send one request and fill ``result``; ``t0`` is the run's start on perf_counter."""
+        start = time.perf_counter()
+        result.start_s = start - t0
+        call = self._stub().Generate(request, timeout=timeout_s)
+        try:
+            async for msg in call:
+                now = time.perf_counter() - start
+                if msg.token_ids:
+                    result.chunk_times_s.append(now)
+                    result.chunk_tokens.append(len(msg.token_ids))
+                    result.reply_ids.extend(msg.token_ids)
+                result.prefill_worker = result.prefill_worker or msg.prefill_worker
+                result.decode_worker = result.decode_worker or msg.decode_worker
+                result.finish_reason = msg.finish_reason or result.finish_reason
+                if msg.HasField("usage"):
+                    u = msg.usage
+                    result.server_prompt_tokens = u.prompt_tokens
+                    result.server_completion_tokens = u.completion_tokens
+                    result.server_ttft_s = u.time_to_first_token_s
+                    result.server_e2e_s = u.e2e_s
+            result.end_s = time.perf_counter() - start
+            if result.finish_reason == "abort":
+                result.status, result.error = FINISH_ABORT, "the server finished the stream with 'abort'"
+            elif not result.chunk_tokens:
+                result.status, result.error = EMPTY_STREAM, "the call ended OK without streaming a token"
+            else:
+                result.status = OK
+        except grpc.aio.AioRpcError as e:
+            result.end_s = time.perf_counter() - start
+            result.status, result.error = e.code().name, e.details() or ""
+        except asyncio.CancelledError:
+            result.end_s = time.perf_counter() - start
+            result.status, result.error = "CANCELLED", "cancelled by the load tester (interrupted)"
+            call.cancel()
+            raise
+        except Exception as e:  # noqa: BLE001 - a harness bug is counted, not hidden
+            result.end_s = time.perf_counter() - start
+            result.status, result.error = CLIENT_ERROR, f"{type(e).__name__}: {e}"
+            call.cancel()

@@ -1,0 +1,163 @@
+"""The report: one JSON document (``report_dict``), a CSV of requests, text tables.
+
+Plots and ``--compare`` read the same JSON document, so a saved report and a
+fresh run go through one code path. Schema (``schema_version`` 1)::
+
+    {schema_version, tool, created_at, command, argv, args, target,
+     server: {models: [{id, max_model_len, vocab_size, numerics}]},
+     workload: {...}, options: {...}, slo: {ttft_ms, tpot_ms, e2e_ms} | null,
+     warnings: [str],
+     runs: [{label, arrival: {process, rate, burstiness, concurrency, seed},
+             started_at, duration_s, aborted: str | null,
+             summary: {...}, summary_by_kind: {kind: {...}},
+             requests: [RequestResult.to_dict(), ...]}]}
+
+Non-finite numbers are written as the strings "inf" / "-inf" and ``null`` (NaN)
+so that the file is strict JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .runner import LoadReport
+
+SCHEMA_VERSION = 1
+CSV_FIELDS = ["run", "index", "kind", "session_id", "turn", "request_id", "status", "error",
+              "finish_reason", "scheduled_s", "start_s", "input_tokens", "requested_output_tokens",
+              "output_tokens", "server_prompt_tokens", "server_completion_tokens", "ttft_ms",
+              "tpot_ms", "e2e_ms", "itl_mean_ms", "itl_max_ms", "prefill_worker", "decode_worker"]
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def report_dict(report: LoadReport, command: str = "", argv: list[str] | None = None,
+                args: dict[str, Any] | None = None) -> dict[str, Any]:
+    slo = report.slo
+    runs = [{
+        "label": run.label,
+        "arrival": asdict(run.arrival),
+        "started_at": run.started_at,
+        "duration_s": run.duration_s,
+        "aborted": run.aborted,
+        "summary": run.summary(slo),
+        "summary_by_kind": run.summary_by_kind(slo),
+        "requests": [r.to_dict() for r in run.results],
+    } for run in report.runs]
+    return _finite({
+        "schema_version": SCHEMA_VERSION,
+        "tool": "dsv32-serve loadtest",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "argv": list(argv or []),
+        "args": args or {},
+        "target": report.target,
+        "server": {"models": report.models},
+        "workload": report.workload,
+        "options": asdict(report.options),
+        "slo": asdict(slo) if slo is not None else None,
+        "warnings": report.warnings,
+        "runs": runs,
+    })
+
+
+def write_json(doc: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def load_json(path: str | Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"cannot read report {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not a JSON report ({e.msg} at line {e.lineno})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("runs"), list):
+        raise ValueError(f"{path} is not a loadtest report (no 'runs' list)")
+    return doc
+
+
+def _ms(v: Any) -> Any:
+    return "" if v is None else round(v * 1000.0, 4)
+
+
+def write_csv(doc: dict[str, Any], path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for run in doc["runs"]:
+            for r in run["requests"]:
+                itl = r["itl_s"]
+                w.writerow({**r, "run": run["label"], "ttft_ms": _ms(r["ttft_s"]), "tpot_ms": _ms(r["tpot_s"]),
+                            "e2e_ms": _ms(r["e2e_s"]),
+                            "itl_mean_ms": _ms(sum(itl) / len(itl)) if itl else "",
+                            "itl_max_ms": _ms(max(itl)) if itl else ""})
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def format_summary(run: dict[str, Any]) -> str:
+    """vLLM-style result block for one run."""
+    s = run["summary"]
+    lines = [f"{' ' + run['label'] + ' ':=^60}"]
+
+    def row(name: str, v: Any) -> None:
+        lines.append(f"{name:<44}{_fmt(v):>16}")
+
+    row("Planned requests:", s["planned"])
+    row("Successful requests:", s["completed"])
+    row("Failed requests:", s["failed"])
+    row("Not sent:", s["not_sent"])
+    for code, n in s["errors"].items():
+        row(f"  {code}:", n)
+    row("Benchmark duration (s):", s["duration_s"])
+    row("Total input tokens:", s["total_input_tokens"])
+    row("Total generated tokens:", s["total_output_tokens"])
+    row("Request throughput (req/s):", s["request_throughput"])
+    if s.get("goodput") is not None:
+        row("Request goodput (req/s):", s["goodput"])
+    row("Output token throughput (tok/s):", s["output_throughput"])
+    row("Total token throughput (tok/s):", s["total_token_throughput"])
+    for key, title in (("ttft_ms", "Time to First Token"), ("tpot_ms", "Time per Output Token (excl. 1st token)"),
+                       ("itl_ms", "Inter-token Latency"), ("e2e_ms", "End-to-end Latency")):
+        lines.append(f"{title:-^60}")
+        short = key.split("_")[0].upper()
+        for stat in ("mean", "median", "p90", "p99"):
+            row(f"{stat.capitalize() if stat[0] == 'm' else stat.upper()} {short} (ms):", s[key][stat])
+    if run.get("aborted"):
+        lines.append(f"Stopped early: {run['aborted']}")
+    lines.append("=" * 60)
+    return "\n".join(lines)
+
+
+def format_sweep(summaries: list[tuple[str, dict[str, Any]]]) -> str:
+    """One row per (label, summary): the numbers a rate sweep is read by."""
+    head = ["run", "ok", "fail", "req/s", "goodput", "out tok/s", "p99 TTFT", "p99 TPOT", "p99 ITL", "p99 E2E"]
+    rows = [head]
+    for label, s in summaries:
+        rows.append([label, str(s["completed"]), str(s["failed"] + s["not_sent"]),
+                     _fmt(s["request_throughput"]), _fmt(s.get("goodput")), _fmt(s["output_throughput"], 1),
+                     *(_fmt(s[k]["p99"], 1) for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"))])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    text = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return "\n".join([text[0], "-" * len(text[0]), *text[1:], "(latencies in ms; fail includes not sent)"])
