@@ -1,0 +1,238 @@
+"""EngineCore: model + paged cache + scheduler + sampler, one process.
+
+Used three ways: offline (``LLM``), colocated serving (``add_request`` /
+``step``), and disaggregated serving, where a prefill worker calls
+``prefill`` (cache written into pages it owns, ``on_layer_done`` fired per
+layer so the KV sender can overlap transfer with compute) and a decode worker
+calls ``add_prefilled`` (cache already received into its pages) then
+``step``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .cache import KVCache, PageAllocator
+from .config import ModelConfig
+from .layout import CacheLayout
+from .model import DeepseekV32ForCausalLM, ForwardBatch, SeqSpan
+from .sampler import sample, top_logprobs
+from .sampling_params import SamplingParams
+from .scheduler import Request, ScheduledChunk, Scheduler
+from .weights import load_weights
+
+DEFAULT_CACHE_BYTES = 256 << 20
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+
+
+@dataclass
+class PrefillInput:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    page_ids: list[int]
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+def _dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[name]
+
+
+class EngineCore:
+    def __init__(self, model_dir: str | Path, *, numerics: str = "exact", dtype=None, num_pages: int | None = None,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 device: str | None = None, seed: int | None = None):
+        self.model_dir = str(model_dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = _dtype(dtype, self.device)
+        self.config = cfg = ModelConfig.from_dir(model_dir)
+        self.numerics = numerics
+        self.layout = CacheLayout(cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_head_dim or 128,
+                                  mode=numerics, dtype=self.dtype)
+        with torch.device("meta"):
+            self.model = DeepseekV32ForCausalLM(cfg, self.layout)
+        load_weights(self.model, cfg, model_dir, self.dtype, self.device)
+        self.model.eval()
+        from .tokenizer import load_tokenizer
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.sampleable_vocab = min(cfg.vocab_size, self.tokenizer.vocab_size)
+        self.max_model_len = min(cfg.max_position_embeddings, max_model_len or cfg.max_position_embeddings)
+        gen = Path(model_dir) / "generation_config.json"
+        self.generation_defaults = json.loads(gen.read_text()) if gen.is_file() else {}
+        if num_pages is None:
+            num_pages = KVCache.pages_that_fit(self.layout, cfg.num_hidden_layers, DEFAULT_CACHE_BYTES)
+        self.cache = KVCache(self.layout, cfg.num_hidden_layers, num_pages, self.device, with_index=cfg.has_indexer)
+        self.allocator = PageAllocator(num_pages)
+        self.scheduler = Scheduler(self.allocator, self.layout.page_size, max_num_seqs, max_num_batched_tokens)
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self._requests: dict[str, Request] = {}
+        self._rng = random.Random(seed)
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "forward_calls": 0}
+
+    # -- requests ------------------------------------------------------------------
+    def _make_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt holds token ids outside [0, {self.config.vocab_size}): {bad[:5]}")
+        if len(prompt_ids) >= self.max_model_len:
+            raise PromptTooLong(f"prompt has {len(prompt_ids)} tokens; the model context is {self.max_model_len}")
+        params = params.with_defaults(self.generation_defaults).validate(self.config.vocab_size)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        return Request(request_id, list(prompt_ids), params, seed)
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        req = self._make_request(request_id, prompt_ids, params)
+        self._requests[request_id] = req
+        self.scheduler.waiting.append(req)
+
+    def add_prefilled(self, request_id: str, prompt_ids: list[int], params: SamplingParams, page_ids: list[int],
+                      first: StepOutput) -> None:
+        """Admit a request whose prompt cache already sits in ``page_ids`` (now owned by the engine)."""
+        req = self._make_request(request_id, prompt_ids, params)
+        req.pages, req.num_computed = list(page_ids), len(prompt_ids)
+        req.output_ids.append(first.token_id)
+        self._requests[request_id] = req
+        reason = self._stop_reason(req, first.token_id)
+        if reason:
+            self._finish(req, reason)
+        else:
+            self.scheduler.running.append(req)
+
+    def abort(self, request_id: str) -> bool:
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- stepping ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        logits = self._forward(chunks)
+        outs = self._sample([c.request for c in chunks if c.samples], logits)
+        for c in chunks:
+            c.request.num_computed = c.start + c.num
+        for req, out in outs:
+            req.output_ids.append(out.token_id)
+            reason = self._stop_reason(req, out.token_id)
+            if reason:
+                self._finish(req, reason)
+                out.finished, out.finish_reason = True, reason
+        return [o for _, o in outs]
+
+    @torch.inference_mode()
+    def prefill(self, reqs: list[PrefillInput], on_layer_done: Callable[[int], None] | None = None) -> list[StepOutput]:
+        """Compute prompt caches into caller-owned pages; return each request's first token."""
+        states = []
+        for r in reqs:
+            req = self._make_request(r.request_id, r.prompt_ids, r.params)
+            if len(r.page_ids) * self.layout.page_size < len(r.prompt_ids):
+                raise ValueError(f"request {r.request_id}: {len(r.page_ids)} pages cannot hold {len(r.prompt_ids)} tokens")
+            req.pages = list(r.page_ids)
+            states.append(req)
+        results: dict[str, StepOutput] = {}
+        while any(s.num_computed < s.num_tokens for s in states):
+            budget, chunks = self.max_num_batched_tokens, []
+            for s in states:
+                left = s.num_tokens - s.num_computed
+                if left and budget > 0:
+                    n = min(left, budget)
+                    chunks.append(ScheduledChunk(s, s.num_computed, n))
+                    budget -= n
+            last = all(c.start + c.num == c.request.num_tokens for c in chunks) and \
+                all(s.num_computed == s.num_tokens or any(c.request is s for c in chunks) for s in states)
+            logits = self._forward(chunks, on_layer_done if last else None)
+            for req, out in self._sample([c.request for c in chunks if c.samples], logits):
+                out.finished = bool(self._stop_reason(req, out.token_id, first=True))
+                out.finish_reason = self._stop_reason(req, out.token_id, first=True)
+                results[req.request_id] = out
+            for c in chunks:
+                c.request.num_computed = c.start + c.num
+        return [results[r.request_id] for r in reqs]
+
+    # -- internals -----------------------------------------------------------------------
+    def _forward(self, chunks: list[ScheduledChunk], on_layer_done=None) -> torch.Tensor:
+        ids, pos, seqs, logit_rows = [], [], [], []
+        for c in chunks:
+            toks = c.request.all_ids[c.start:c.start + c.num]
+            seqs.append(SeqSpan(len(ids), c.num, c.start + c.num,
+                                torch.tensor(c.request.pages, dtype=torch.long, device=self.device)))
+            ids += toks
+            pos += range(c.start, c.start + c.num)
+            if c.samples:
+                logit_rows.append(len(ids) - 1)
+            if c.num > 1 or c.start == 0:
+                self.stats["prefill_tokens"] += c.num
+            else:
+                self.stats["decode_tokens"] += c.num
+        dev = self.device
+        positions = torch.tensor(pos, dtype=torch.long, device=dev)
+        slot_mapping = torch.cat([s.block_table[torch.arange(s.context_len - s.num_new, s.context_len, device=dev)
+                                                // self.layout.page_size] * self.layout.page_size
+                                  + torch.arange(s.context_len - s.num_new, s.context_len, device=dev) % self.layout.page_size
+                                  for s in seqs])
+        batch = ForwardBatch(torch.tensor(ids, dtype=torch.long, device=dev), positions, slot_mapping, seqs,
+                             torch.tensor(logit_rows, dtype=torch.long, device=dev), on_layer_done)
+        self.stats["forward_calls"] += 1
+        logits = self.model(batch, self.cache)
+        if self.sampleable_vocab < logits.shape[-1]:  # never sample ids the tokenizer lacks
+            logits[:, self.sampleable_vocab:] = float("-inf")
+        return logits
+
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[tuple[Request, StepOutput]]:
+        if not reqs:
+            return []
+        want = any(r.params.logprobs is not None for r in reqs)
+        ids, lps = sample(logits, [r.params for r in reqs], [r.seed for r in reqs], [r.num_tokens for r in reqs], want)
+        outs = []
+        for b, (req, tok) in enumerate(zip(reqs, ids)):
+            out = StepOutput(req.request_id, tok)
+            if req.params.logprobs is not None:
+                out.logprob, out.top_logprobs = top_logprobs(lps[b], tok, req.params.logprobs)
+            outs.append((req, out))
+        return outs
+
+    def _stop_reason(self, req: Request, token: int, first: bool = False) -> str | None:
+        p = req.params
+        n_out = 1 if first else len(req.output_ids)
+        if (token == self.config.eos_token_id and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if n_out >= p.max_tokens or req.num_tokens + (1 if first else 0) >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, req: Request, reason: str) -> None:
+        self.scheduler.finish(req, reason)
+        self._requests.pop(req.request_id, None)
