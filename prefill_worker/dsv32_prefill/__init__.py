@@ -1,1 +1,26 @@
-"""dsv32_prefill."""
+"""dsv32_prefill: the prefill worker.
+
+A request's life here, as a sequence of queues:
+
+1. **WaitingQueue** (``Prefill`` RPC). The router sends the prompt, the
+   resolved sampling parameters and where the KV must go (decode worker id,
+   its receiver endpoint, the transfer id it expects). The queue is bounded in
+   tokens: beyond ``--max-queued-tokens`` the RPC answers
+   ``RESOURCE_EXHAUSTED`` (back-pressure to the router). A cancelled RPC
+   leaves the queue before it costs anything.
+2. **Batch** (the loop thread). Prompts are taken in arrival order while
+   their tokens fit the token budget (``--max-num-batched-tokens``; a prompt
+   longer than the budget goes alone and the engine runs it in chunks). Each
+   gets pages from this worker's own pool and a KV sender handle towards its
+   decode worker (``KVSender.begin``: the pair group is found or built).
+3. **Forward + push**. ``EngineCore.prefill`` runs the batch; after each
+   layer's cache writes it calls back, and every request's pages of that layer
+   are handed to the sender, so the transfer of layer *l* overlaps the compute
+   of layer *l+1*. The engine samples each request's first token.
+4. **Finish**. ``KVSender.finish`` waits (bounded) for the last sends and
+   returns the byte count and checksum over everything sent; the local pages
+   go back to the pool; the RPC answers with the first token, the checksum
+   and the counters (queue time, compute time, wait after the last layer).
+   A failed transfer fails only its own request (``UNAVAILABLE``): the router
+   retries it on another pair.
+"""

@@ -106,6 +106,20 @@ return {1, cur}
 """
 
 
+# KEYS[1] = record, KEYS[2] = index; ARGV = now, ttl, request id, max indexed, then
+# field/value pairs. Returns 0 if the record exists already (ids are unique), else 1.
+_CREATE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'created_at', ARGV[1], 'queued_at', ARGV[1],
+           'updated_at', ARGV[1], 'attempts', 1)
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3])
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[4]) - 1)
+return 1
+"""
+
+
 class InvalidTransition(RuntimeError):
     """A record was not in a state from which the requested one can be entered."""
 
@@ -186,6 +200,7 @@ class _StateBase:
         self.record_ttl_s = int(record_ttl_s)
         self.session_ttl_s = int(session_ttl_s)
         self._transition = client.register_script(_TRANSITION_LUA)
+        self._create = client.register_script(_CREATE_LUA)
 
     # -- workers --------------------------------------------------------------
     def _heartbeat_pipe(self, info: WorkerInfo):
@@ -222,17 +237,11 @@ class _StateBase:
         return alive, dead
 
     # -- request records ------------------------------------------------------
-    def _create_pipe(self, request_id: str, extra: dict[str, Any]):
-        now = time.time()
-        key = self.keys.request(request_id)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hsetnx(key, "state", "queued")
-        pipe.hset(key, mapping=_mapping({"created_at": now, "queued_at": now, "updated_at": now,
-                                         "attempts": 1, **extra}))
-        pipe.expire(key, self.record_ttl_s)
-        pipe.zadd(self.keys.requests, {request_id: now})
-        pipe.zremrangebyrank(self.keys.requests, 0, -MAX_RECORDS_INDEXED - 1)
-        return pipe
+    def _create_args(self, request_id: str, extra: dict[str, Any]) -> dict[str, list[str]]:
+        args = [repr(time.time()), str(self.record_ttl_s), request_id, str(MAX_RECORDS_INDEXED)]
+        for k, v in _mapping(extra).items():
+            args += [k, v]
+        return {"keys": [self.keys.request(request_id), self.keys.requests], "args": args}
 
     def _transition_args(self, new_state: str, extra: dict[str, Any]) -> list[str]:
         if new_state not in TRANSITIONS:
@@ -286,8 +295,9 @@ class ClusterState(_StateBase):
             self.client.zrem(self.keys.workers, *dead)
         return alive
 
-    def create_request(self, request_id: str, **extra: Any) -> None:
-        self._create_pipe(request_id, extra).execute()
+    def create_request(self, request_id: str, **extra: Any) -> bool:
+        """Open a ``queued`` record; False if one with this id exists already."""
+        return bool(self._create(**self._create_args(request_id, extra)))
 
     def transition(self, request_id: str, new_state: str, **extra: Any) -> str:
         """Move a record to ``new_state``; returns the previous state."""
@@ -339,8 +349,8 @@ class AsyncClusterState(_StateBase):
             await self.client.zrem(self.keys.workers, *dead)
         return alive
 
-    async def create_request(self, request_id: str, **extra: Any) -> None:
-        await self._create_pipe(request_id, extra).execute()
+    async def create_request(self, request_id: str, **extra: Any) -> bool:
+        return bool(await self._create(**self._create_args(request_id, extra)))
 
     async def transition(self, request_id: str, new_state: str, **extra: Any) -> str:
         ok, old = await self._transition(keys=[self.keys.request(request_id)],

@@ -1,0 +1,217 @@
+"""The decode worker's queues (see :mod:`dsv32_decode` for the life cycle).
+
+* :class:`PreallocQueue` — reservations: pages taken from the engine's pool
+  for a request whose KV is on its way, with a lease; nothing runs yet.
+* :class:`RunningBatch` — the loop thread that owns the engine: it admits
+  verified requests (``EngineCore.add_prefilled``), applies aborts, and steps
+  the continuous batch, handing each request's tokens to its output queue.
+
+One lock (``engine_lock``) serialises everything that touches the engine or
+its allocator: the loop holds it for one ``step()``; a reservation holds it to
+take pages.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reservation:
+    request_id: str
+    transfer_id: str
+    page_ids: list[int]
+    commit_pages: int
+    """Pages the request may grow to (prompt + max_tokens): admission is checked
+    against these, so a running request never has to be preempted (which would
+    recompute its prompt here)."""
+    prefill_worker_id: str
+    expires_at: float
+    taken: bool = False
+
+
+class PreallocQueue:
+    """Reservations by request id, with capacity accounting and lease expiry."""
+
+    def __init__(self, engine, engine_lock: threading.Lock, release_transfer):
+        self.engine, self.lock = engine, engine_lock
+        self.release_transfer = release_transfer  # (transfer_id) -> None, stops the receiver side
+        self._by_id: dict[str, Reservation] = {}
+        self._mu = threading.Lock()
+        self.committed_pages = 0  # reserved + running requests' commitments
+
+    def reserve(self, request_id: str, transfer_id: str, num_prompt: int, max_tokens: int, prefill_worker_id: str,
+                lease_s: float) -> Reservation | None:
+        """Pages for the prompt now, capacity for prompt + max_tokens; None if full."""
+        layout = self.engine.layout
+        need_now = layout.pages_for(num_prompt)
+        commit = layout.pages_for(num_prompt + max_tokens)
+        with self._mu:
+            if request_id in self._by_id:
+                raise KeyError(f"request {request_id} already holds a reservation here")
+            if self.committed_pages + commit > self.engine.allocator.num_total:
+                return None
+            with self.lock:
+                if not self.engine.allocator.can_allocate(need_now):
+                    return None
+                pages = self.engine.allocator.allocate(need_now)
+            self.committed_pages += commit
+            res = Reservation(request_id, transfer_id, pages, commit, prefill_worker_id, time.monotonic() + lease_s)
+            self._by_id[request_id] = res
+            return res
+
+    def take(self, request_id: str, transfer_id: str) -> Reservation | None:
+        """Hand a reservation over to its Decode stream (ends the lease)."""
+        with self._mu:
+            res = self._by_id.get(request_id)
+            if res is None or res.transfer_id != transfer_id or res.taken:
+                return None
+            res.taken = True
+            return res
+
+    def drop(self, request_id: str, free_pages: bool) -> Reservation | None:
+        """Forget a reservation. ``free_pages``: the engine never took the pages over."""
+        with self._mu:
+            res = self._by_id.pop(request_id, None)
+            if res is None:
+                return None
+            self.committed_pages -= res.commit_pages
+        if free_pages:
+            with self.lock:
+                self.engine.allocator.free(res.page_ids)
+            self.release_transfer(res.transfer_id)
+        return res
+
+    def expire(self, now: float | None = None) -> list[str]:
+        now = time.monotonic() if now is None else now
+        with self._mu:
+            stale = [r.request_id for r in self._by_id.values() if not r.taken and r.expires_at <= now]
+        for rid in stale:
+            log.warning("reservation for %s expired before its Decode stream; pages freed", rid)
+            self.drop(rid, free_pages=True)
+        return stale
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def reserved_pages(self) -> int:
+        with self._mu:
+            return sum(len(r.page_ids) for r in self._by_id.values() if not r.taken)
+
+
+@dataclass
+class Admission:
+    request_id: str
+    prompt_ids: list[int]
+    params: object  # dsv32_engine.SamplingParams
+    page_ids: list[int]
+    first: object  # dsv32_engine.engine.StepOutput
+    out: queue.Queue = field(default_factory=queue.Queue)
+    """Receives lists of StepOutput, then ``None`` when the request leaves the
+    batch (an exception instead if the engine refused or failed it)."""
+
+
+class RunningBatch:
+    """The loop thread: admit, abort, step, dispatch. The only caller of the engine after startup."""
+
+    def __init__(self, engine, engine_lock: threading.Lock, on_leave, idle_wait_s: float = 0.05):
+        self.engine, self.lock, self.on_leave = engine, engine_lock, on_leave
+        self.idle_wait_s = idle_wait_s
+        self._inbox: deque = deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._live: dict[str, Admission] = {}
+        self.steps = 0
+        self.finished = 0
+        self.aborted = 0
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+
+    def start(self) -> RunningBatch:
+        self._thread.start()
+        return self
+
+    def admit(self, adm: Admission) -> None:
+        self._inbox.append(("admit", adm))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.append(("abort", request_id))
+        self._wake.set()
+
+    @property
+    def running(self) -> int:
+        return len(self._live)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _leave(self, rid: str, aborted: bool) -> None:
+        adm = self._live.pop(rid, None)
+        if adm is None:
+            return
+        if aborted:
+            self.aborted += 1
+        else:
+            self.finished += 1
+        adm.out.put(None)
+        self.on_leave(rid)
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            kind, item = self._inbox.popleft()
+            if kind == "admit":
+                self._live[item.request_id] = item
+                try:
+                    with self.lock:
+                        self.engine.add_prefilled(item.request_id, item.prompt_ids, item.params, item.page_ids,
+                                                  item.first)
+                except Exception as e:  # refused: the pages never became the engine's
+                    log.error("admission of %s refused: %s", item.request_id, e)
+                    with self.lock:
+                        self.engine.allocator.free(item.page_ids)
+                    item.out.put(e)
+                    self._leave(item.request_id, aborted=True)
+                    continue
+                if item.first.finished:  # EOS or max_tokens=1: the engine finished it at admission
+                    self._leave(item.request_id, aborted=False)
+            elif item in self._live:
+                with self.lock:
+                    self.engine.abort(item)
+                self._leave(item, aborted=True)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox()
+                if not self._live:
+                    self._wake.wait(self.idle_wait_s)
+                    self._wake.clear()
+                    continue
+                with self.lock:
+                    outs = self.engine.step()
+                self.steps += 1
+                by_rid: dict[str, list] = {}
+                for o in outs:
+                    by_rid.setdefault(o.request_id, []).append(o)
+                for rid, tokens in by_rid.items():
+                    adm = self._live.get(rid)
+                    if adm is None:
+                        continue
+                    adm.out.put(tokens)
+                    if tokens[-1].finished:
+                        self._leave(rid, aborted=False)
+        except BaseException as e:  # the engine failed: fail every stream, let the process exit
+            log.exception("decode loop failed")
+            self.error = e
+            for rid in list(self._live):
+                self._leave(rid, aborted=True)

@@ -1,0 +1,250 @@
+"""``dsv32-serve decode``: the decode worker process (life cycle: :mod:`dsv32_decode`).
+
+Every flag has an environment variable ``DSV32_<FLAG>`` for deployments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+
+import grpc
+
+from dsv32_decode.queues import Admission, PreallocQueue, RunningBatch
+from dsv32_proto import worker_pb2, worker_pb2_grpc
+from dsv32_router.worker_process import (add_engine_arguments, engine_params, env, make_engine, serve_worker,
+                                         step_output, token_pb)
+
+log = logging.getLogger("dsv32_decode")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_engine_arguments(p)
+    p.add_argument("--transfer-port", type=int, default=int(env("transfer_port", "0")),
+                   help="port of the KV receiver's TCPStore (0 = any free port)")
+
+
+class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
+    def __init__(self, worker_id: str, engine, receiver, transfer_timeout_s: float, fault_injection: bool):
+        self.worker_id, self.engine, self.receiver = worker_id, engine, receiver
+        self.transfer_timeout_s = transfer_timeout_s
+        self.fault_injection = fault_injection
+        self.lock = threading.Lock()
+        self.prealloc = PreallocQueue(engine, self.lock, self._release_transfer)
+        self.batch = RunningBatch(engine, self.lock, on_leave=lambda rid: self.prealloc.drop(rid, free_pages=False))
+        self.counters = {"bytes_received": 0, "checksum_failures": 0}
+        self.faults: dict[str, int] = {}
+        self.accepting = True
+
+    # -- reserve -----------------------------------------------------------------
+    def Reserve(self, request, context):
+        if not self.accepting:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"decode worker {self.worker_id} is shutting down")
+        if request.num_prompt_tokens < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_prompt_tokens: must be >= 1")
+        tid = f"{request.request_id}/{uuid.uuid4().hex[:8]}"
+        try:
+            res = self.prealloc.reserve(request.request_id, tid, request.num_prompt_tokens, max(1, request.max_tokens),
+                                        request.prefill_worker_id, request.lease_s or 60.0)
+        except KeyError as e:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        if res is None:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"decode worker {self.worker_id}: {self.free_pages()} of {self.engine.allocator.num_total} "
+                          "pages uncommitted; not enough for this request")
+        try:
+            self.receiver.expect(tid, request.prefill_worker_id, res.page_ids)
+        except Exception as e:
+            self.prealloc.drop(request.request_id, free_pages=True)
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"KV receiver refused the transfer: {e}")
+        layout, layers = self.engine.layout, len(self.engine.cache.latent)
+        return worker_pb2.ReserveResponse(
+            decode_worker_id=self.worker_id, transfer_endpoint=self.receiver.endpoint, transfer_id=tid,
+            page_ids=res.page_ids, page_size=layout.page_size,
+            expected_bytes=len(res.page_ids) * layers * self.page_bytes())
+
+    def page_bytes(self) -> int:
+        """Bytes of one page in one layer as transferred (latent + indexer, if the model has one)."""
+        cache = self.engine.cache
+        index = cache.layout.index_page_bytes if cache.index[0].shape[0] else 0
+        return cache.layout.latent_page_bytes + index
+
+    def _release_transfer(self, transfer_id: str) -> None:
+        try:
+            self.receiver.release(transfer_id)
+        except Exception as e:
+            log.debug("release of %s: %s", transfer_id, e)
+
+    # -- decode ----------------------------------------------------------------------
+    def Decode(self, request, context):
+        rid = request.request_id
+        res = self.prealloc.take(rid, request.transfer_id)
+        if res is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no reservation {request.transfer_id} for {rid} "
+                          "(lease expired or cancelled)")
+        admitted = False
+        try:
+            received = self._await_transfer(res, request, context)
+            adm = Admission(rid, list(request.prompt_ids), engine_params(request.sampling), res.page_ids,
+                            step_output(rid, request.first))
+            self.batch.admit(adm)
+            admitted = True
+            context.add_callback(lambda: self.batch.abort(rid))  # no-op once it has left the batch
+            yield worker_pb2.DecodeResponse(tokens=[request.first], received_bytes=received.num_bytes,
+                                            checksum=received.checksum)
+            yield from self._stream(adm, context)
+        finally:
+            if not admitted:
+                self.prealloc.drop(rid, free_pages=True)
+
+    def _await_transfer(self, res, request, context):
+        deadline = time.monotonic() + self.transfer_timeout_s
+        while True:
+            left = context.time_remaining()
+            step = min(0.5, max(0.0, deadline - time.monotonic()), left if left is not None else 0.5)
+            try:
+                received = self.receiver.wait(res.transfer_id, step)
+                break
+            except Exception as e:
+                if not context.is_active():
+                    context.abort(grpc.StatusCode.CANCELLED, "stream cancelled while waiting for the KV")
+                if time.monotonic() >= deadline or "failed" in str(e):
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer {res.transfer_id}: {e}")
+        self._release_transfer(res.transfer_id)
+        if self._take_fault("corrupt_next_transfer"):
+            received = self._corrupt(res.page_ids, received)
+        self.counters["bytes_received"] += received.num_bytes
+        if received.checksum != request.checksum or received.num_bytes != request.sent_bytes:
+            self.counters["checksum_failures"] += 1
+            log.error("request %s: KV checksum mismatch (sent %s, %d bytes; received %s, %d bytes)", request.request_id,
+                      request.checksum, request.sent_bytes, received.checksum, received.num_bytes)
+            context.abort(grpc.StatusCode.DATA_LOSS, f"KV checksum mismatch on decode worker {self.worker_id}: sent "
+                          f"{request.checksum} ({request.sent_bytes} B), received {received.checksum} "
+                          f"({received.num_bytes} B)")
+        return received
+
+    def _corrupt(self, page_ids, received):
+        """Fault injection: flip one indexer byte of the received pages, then re-checksum
+        the pages as they now sit in the pool (what a bad link would have left there)."""
+        import dataclasses
+
+        from dsv32_engine.transfer_pages import CachePages, cache_checksum
+
+        pages = CachePages(self.engine.cache)
+        with self.lock:
+            pool = pages.parts(0)[-1]
+            pool[page_ids[0], 0] ^= 0xFF
+            checksum = cache_checksum(self.engine.cache, page_ids)
+        return dataclasses.replace(received, checksum=checksum)
+
+    def _stream(self, adm: Admission, context):
+        while True:
+            try:
+                item = adm.out.get(timeout=0.25)
+            except queue.Empty:
+                if not context.is_active():
+                    return
+                continue
+            items = [item]
+            while True:
+                try:
+                    items.append(adm.out.get_nowait())
+                except queue.Empty:
+                    break
+            tokens, end = [], False
+            for it in items:
+                if isinstance(it, BaseException):
+                    context.abort(grpc.StatusCode.INTERNAL, f"decode worker {self.worker_id}: {it}")
+                if it is None:
+                    end = True
+                else:
+                    tokens += [token_pb(o) for o in it]
+            if tokens:
+                yield worker_pb2.DecodeResponse(tokens=tokens)
+            if end:
+                if self.batch.error is not None:
+                    context.abort(grpc.StatusCode.INTERNAL, f"decode loop failed: {self.batch.error}")
+                if not tokens or not tokens[-1].finished:
+                    context.abort(grpc.StatusCode.ABORTED, f"request {adm.request_id} aborted on {self.worker_id}")
+                return
+
+    # -- control -----------------------------------------------------------------------
+    def Cancel(self, request, context):
+        found = self.prealloc.drop(request.request_id, free_pages=True) is not None
+        self.batch.abort(request.request_id)
+        return worker_pb2.CancelResponse(found=found)
+
+    def free_pages(self) -> int:
+        return self.engine.allocator.num_total - self.prealloc.committed_pages
+
+    def stats(self) -> worker_pb2.WorkerStats:
+        st = self.engine.stats
+        return worker_pb2.WorkerStats(
+            worker_id=self.worker_id, role="decode", free_pages=self.engine.allocator.num_free,
+            total_pages=self.engine.allocator.num_total, running_requests=self.batch.running,
+            queued_requests=len(self.prealloc), prefill_forward_tokens=st.get("prefill_tokens", 0),
+            decode_steps=self.batch.steps, bytes_received=self.counters["bytes_received"],
+            checksum_failures=self.counters["checksum_failures"], requests_finished=self.batch.finished,
+            requests_aborted=self.batch.aborted, reserved_pages=self.prealloc.reserved_pages())
+
+    def Stats(self, request, context):
+        return self.stats()
+
+    def InjectFault(self, request, context):
+        if not self.fault_injection:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "fault injection is off (--enable-fault-injection)")
+        if request.kind in ("", "none"):
+            self.faults.clear()
+        elif request.kind == "corrupt_next_transfer":
+            self.faults[request.kind] = max(1, request.count)
+        else:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"kind: unknown fault {request.kind!r}")
+        return worker_pb2.FaultResponse()
+
+    def _take_fault(self, kind: str) -> bool:
+        if self.faults.get(kind, 0) > 0:
+            self.faults[kind] -= 1
+            return True
+        return False
+
+    def report(self) -> dict:
+        return {"free_pages": self.free_pages(), "total_pages": self.engine.allocator.num_total,
+                "reserved_pages": self.prealloc.reserved_pages(), "running": self.batch.running,
+                "queued_requests": len(self.prealloc)}
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from dsv32_engine.transfer import KVReceiver
+
+    engine = make_engine(args)
+    worker_id = args.worker_id or f"decode-{socket.gethostname()}-{os.getpid()}"
+    args.worker_id = worker_id
+    receiver = KVReceiver(engine.cache, args.host, args.transfer_port, worker_id, args.transfer_timeout)
+    svc = DecodeService(worker_id, engine, receiver, args.transfer_timeout, args.enable_fault_injection)
+    svc.batch.start()
+    server, hs, hb, stop, _ = serve_worker("decode", args, svc, worker_pb2_grpc.add_DecodeWorkerServicer_to_server,
+                                           svc.report, max_threads=2 * args.max_num_seqs + 16,
+                                           transfer_endpoint=receiver.endpoint)
+    while not stop.wait(0.5):
+        svc.prealloc.expire()
+        if svc.batch.error is not None:
+            log.error("decode loop died; exiting")
+            break
+    log.info("decode worker %s shutting down", worker_id)
+    svc.accepting = False
+    hb.stop(deregister=True)
+    hs.enter_graceful_shutdown()
+    server.stop(grace=2.0).wait()
+    svc.batch.stop()
+    try:
+        receiver.close()
+    except Exception:
+        pass
+    return 1 if svc.batch.error is not None else 0

@@ -1,0 +1,107 @@
+"""A small synchronous client of the public API (used by ``dsv32-serve generate --target``).
+
+    for msg in stream_generate("127.0.0.1:50051", "Hello", max_tokens=32, temperature=0):
+        print(msg.text, end="", flush=True)
+
+``stream_generate`` yields the ``dsv32.serving.v1.GenerateResponse`` messages
+as they arrive (``.text`` delta, ``.token_ids``, ``.logprobs``; the last one
+has ``.finish_reason`` and ``.usage``). Errors raise :class:`GenerateError`
+with the gRPC status name and the server's message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import grpc
+
+from dsv32_proto import serving_pb2, serving_pb2_grpc
+
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "stop_token_ids", "ignore_eos",
+                    "logprobs")
+
+
+class GenerateError(RuntimeError):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details = code, details
+
+
+def build_request(prompt: str | Sequence[int] | None = None, *, messages: Sequence[dict] | None = None,
+                  thinking: bool = False, model: str = "", session_id: str = "", request_id: str = "",
+                  **sampling) -> serving_pb2.GenerateRequest:
+    """A ``GenerateRequest`` from a text prompt, token ids, or chat ``messages`` (dicts with role/content)."""
+    unknown = set(sampling) - set(_SAMPLING_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
+    sp = serving_pb2.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
+    req = serving_pb2.GenerateRequest(model=model, sampling=sp, session_id=session_id or "",
+                                      request_id=request_id or "")
+    if messages is not None:
+        req.chat.CopyFrom(serving_pb2.ChatInput(thinking=thinking, messages=[
+            serving_pb2.ChatMessage(role=m["role"], content=m.get("content", ""),
+                                    reasoning_content=m.get("reasoning_content", "")) for m in messages]))
+    elif isinstance(prompt, str):
+        req.prompt = prompt
+    elif prompt is not None:
+        req.token_ids.CopyFrom(serving_pb2.TokenIds(ids=list(prompt)))
+    return req
+
+
+def stream_generate(target: str, prompt: str | Sequence[int] | None = None, *, timeout: float | None = None,
+                    channel: grpc.Channel | None = None, **params) -> Iterator[serving_pb2.GenerateResponse]:
+    """Stream one generation from the router at ``target`` (``HOST:PORT``).
+
+    ``params``: the sampling fields of ``SamplingParams`` (``temperature``,
+    ``max_tokens``, ``stop``...), plus ``session_id``, ``request_id``,
+    ``model``, ``messages`` / ``thinking`` (chat input instead of ``prompt``).
+    ``timeout`` is the request's deadline in seconds. Closing the iterator
+    early cancels the request (the cluster frees its pages).
+    """
+    req = build_request(prompt, **params)
+    own = channel is None
+    ch = grpc.insecure_channel(target) if own else channel
+    call = serving_pb2_grpc.GenerationStub(ch).Generate(req, timeout=timeout)
+    try:
+        for msg in call:
+            yield msg
+    except grpc.RpcError as e:
+        raise GenerateError(e.code(), e.details()) from None
+    finally:
+        call.cancel()
+        if own:
+            ch.close()
+
+
+@dataclass
+class Completion:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    usage: serving_pb2.Usage | None = None
+    prefill_worker: str = ""
+    decode_worker: str = ""
+    request_id: str = ""
+    messages: int = 0
+
+
+def generate(target: str, prompt: str | Sequence[int] | None = None, **params) -> Completion:
+    """Collect a whole generation (same arguments as :func:`stream_generate`)."""
+    out = Completion()
+    for msg in stream_generate(target, prompt, **params):
+        out.messages += 1
+        out.text += msg.text
+        out.token_ids += msg.token_ids
+        out.request_id = out.request_id or msg.request_id
+        out.prefill_worker = out.prefill_worker or msg.prefill_worker
+        out.decode_worker = out.decode_worker or msg.decode_worker
+        if msg.finish_reason:
+            out.finish_reason, out.usage = msg.finish_reason, msg.usage
+    return out
+
+
+def list_models(target: str, timeout: float = 5.0) -> list[serving_pb2.ModelInfo]:
+    with grpc.insecure_channel(target) as ch:
+        return list(serving_pb2_grpc.GenerationStub(ch).ListModels(serving_pb2.ListModelsRequest(),
+                                                                    timeout=timeout).models)

@@ -1,0 +1,80 @@
+"""The router's view of the workers: a registry snapshot refreshed from Redis,
+plus one gRPC channel per worker endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from dsv32_proto import worker_pb2_grpc
+from dsv32_router.state import AsyncClusterState, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+# Worker channels carry token streams; keep them alive across idle periods.
+_CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                    ("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+class WorkerDirectory:
+    def __init__(self, state: AsyncClusterState, refresh_s: float = 0.25, interceptors=None):
+        self.state = state
+        self.refresh_s = refresh_s
+        self.snapshot: list[WorkerInfo] = []
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._interceptors = interceptors
+        self._task: asyncio.Task | None = None
+        self.changed = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._loop(), name="worker-directory")
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.refresh()
+            except Exception as e:  # Redis away: keep the last snapshot, say so once a second at most
+                log.warning("worker registry refresh failed: %s", e)
+
+    async def refresh(self) -> list[WorkerInfo]:
+        self.snapshot = await self.state.workers()
+        live = {w.endpoint for w in self.snapshot}
+        for endpoint in [e for e in self._channels if e not in live]:
+            await self._channels.pop(endpoint).close(grace=None)
+        self.changed.set()
+        self.changed = asyncio.Event()
+        return self.snapshot
+
+    def counts(self) -> dict[str, int]:
+        out = {"prefill": 0, "decode": 0}
+        for w in self.snapshot:
+            out[w.role] += 1
+        return out
+
+    def _channel(self, endpoint: str) -> grpc.aio.Channel:
+        ch = self._channels.get(endpoint)
+        if ch is None:
+            ch = grpc.aio.insecure_channel(endpoint, options=_CHANNEL_OPTIONS, interceptors=self._interceptors)
+            self._channels[endpoint] = ch
+        return ch
+
+    def decode_stub(self, w: WorkerInfo) -> worker_pb2_grpc.DecodeWorkerStub:
+        return worker_pb2_grpc.DecodeWorkerStub(self._channel(w.endpoint))
+
+    def prefill_stub(self, w: WorkerInfo) -> worker_pb2_grpc.PrefillWorkerStub:
+        return worker_pb2_grpc.PrefillWorkerStub(self._channel(w.endpoint))
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for ch in self._channels.values():
+            await ch.close(grace=None)
+        self._channels.clear()

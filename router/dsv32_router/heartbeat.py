@@ -1,0 +1,66 @@
+"""A worker's registration in Redis, refreshed by a daemon thread.
+
+Lives in the torch-free control-plane package so that every role registers
+the same way. The load report is whatever ``report()`` returns at each beat
+(``free_pages``, ``running``, ``queued_tokens``...), so the router's view is at
+most one interval old. A Redis outage is survived: the beat keeps trying and
+re-registers the worker when Redis is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Callable
+
+from dsv32_router.state import ClusterState, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    def __init__(self, state: ClusterState, info: WorkerInfo, report: Callable[[], dict], interval_s: float = 0.5,
+                 watch_parent: bool = False):
+        self.state, self.info, self.report, self.interval_s = state, info, report, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{info.worker_id}", daemon=True)
+        self._parent = os.getppid() if watch_parent else None
+        self.on_orphaned: Callable[[], None] | None = None
+
+    def beat(self) -> None:
+        for k, v in self.report().items():
+            setattr(self.info, k, v)
+        self.state.heartbeat(self.info)
+
+    def start(self) -> Heartbeat:
+        self.beat()  # registered before start() returns: callers can announce readiness
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        failing = False
+        while not self._stop.wait(self.interval_s):
+            if self._parent is not None and os.getppid() != self._parent and self.on_orphaned:
+                log.error("parent process %d is gone; shutting down", self._parent)
+                self.on_orphaned()
+                return
+            try:
+                self.beat()
+                if failing:
+                    log.info("heartbeat to Redis restored")
+                failing = False
+            except Exception as e:
+                if not failing:
+                    log.warning("heartbeat to Redis failed (will keep trying): %s", e)
+                failing = True
+
+    def stop(self, deregister: bool = True) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+        if deregister:
+            try:
+                self.state.deregister(self.info.worker_id)
+            except Exception as e:
+                log.warning("could not deregister %s: %s", self.info.worker_id, e)

@@ -1,0 +1,106 @@
+"""Choosing the (prefill, decode) pair for a request.
+
+Pure functions over the registry snapshot plus the router's own in-flight
+counts (load reports arrive once per heartbeat, so a burst of requests would
+otherwise all see the same "least loaded" worker).
+
+Decode worker D, in order:
+
+1. able to hold the request for its whole life:
+   ``free_pages - pending_pages >= pages(prompt + max_tokens)``; workers that
+   already failed this request only if no other one fits (a 1+1 cluster must
+   still be able to retry after a corrupted transfer);
+2. the session's decode worker if it qualifies (its running batch already holds
+   the conversation's neighbourhood and later a prefix cache);
+3. otherwise the fewest running + pending requests, then the most free pages,
+   then rotation (so that equal workers take turns).
+
+Prefill worker P: preferably one that has not failed this request, fewest queued tokens (reported + pending from
+this router), then rotation.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from dsv32_router.state import WorkerInfo
+
+
+class NoWorkers(Exception):
+    """No worker of a role is registered (→ UNAVAILABLE)."""
+
+
+class NoCapacity(Exception):
+    """Workers exist but none can take the request now (→ RESOURCE_EXHAUSTED after waiting)."""
+
+
+class NeverFits(NoCapacity):
+    """No decode pool could ever hold the request (→ RESOURCE_EXHAUSTED at once)."""
+
+
+@dataclass
+class Pending:
+    """What this router has sent to one worker and not yet seen finish."""
+
+    requests: int = 0
+    pages: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class PairPolicy:
+    page_size: int = 64
+    pending: dict[str, Pending] = field(default_factory=dict)
+    _turn: itertools.count = field(default_factory=itertools.count)
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def _pending(self, worker_id: str) -> Pending:
+        return self.pending.setdefault(worker_id, Pending())
+
+    def _rotation(self, workers: list[WorkerInfo]) -> dict[str, int]:
+        turn = next(self._turn)
+        ids = sorted(w.worker_id for w in workers)
+        return {wid: (i - turn) % len(ids) for i, wid in enumerate(ids)}
+
+    def choose_decode(self, workers: list[WorkerInfo], need_tokens: int, *, affinity: str | None = None,
+                      avoid: frozenset[str] = frozenset()) -> WorkerInfo:
+        """``avoid``: workers that failed this request; used only when nothing else fits."""
+        decode = [w for w in workers if w.role == "decode"]
+        if not decode:
+            raise NoWorkers("no decode worker is registered")
+        need = self.pages_for(need_tokens)
+        biggest = max(w.total_pages for w in decode)
+        if need > biggest:
+            raise NeverFits(f"the request needs {need} cache pages for prompt + max_tokens; "
+                            f"the largest decode pool has {biggest}")
+        fits = [w for w in decode if w.free_pages - self._pending(w.worker_id).pages >= need]
+        if not fits:
+            raise NoCapacity(f"no decode worker has {need} free cache pages")
+        fits = [w for w in fits if w.worker_id not in avoid] or fits
+        for w in fits:
+            if w.worker_id == affinity:
+                return w
+        order = self._rotation(fits)
+        return min(fits, key=lambda w: (w.running + self._pending(w.worker_id).requests,
+                                        -(w.free_pages - self._pending(w.worker_id).pages), order[w.worker_id]))
+
+    def choose_prefill(self, workers: list[WorkerInfo], *, avoid: frozenset[str] = frozenset()) -> WorkerInfo:
+        prefill = [w for w in workers if w.role == "prefill"]
+        if not prefill:
+            raise NoWorkers("no prefill worker is registered")
+        fits = [w for w in prefill if w.worker_id not in avoid] or prefill
+        order = self._rotation(fits)
+        return min(fits, key=lambda w: (w.queued_tokens + self._pending(w.worker_id).tokens, order[w.worker_id]))
+
+    # -- bookkeeping of what this router has in flight ------------------------
+    def add(self, worker_id: str, *, requests: int = 0, pages: int = 0, tokens: int = 0) -> None:
+        p = self._pending(worker_id)
+        p.requests += requests
+        p.pages += pages
+        p.tokens += tokens
+
+    def remove(self, worker_id: str, *, requests: int = 0, pages: int = 0, tokens: int = 0) -> None:
+        self.add(worker_id, requests=-requests, pages=-pages, tokens=-tokens)

@@ -1,0 +1,156 @@
+"""``dsv32-serve router``: the public gRPC API (``dsv32.serving.v1.Generation``).
+
+Also serves standard gRPC health checking (``grpc.health.v1``: the overall
+status and ``dsv32.serving.v1.Generation`` are ``SERVING`` while at least one
+prefill and one decode worker are registered, ``NOT_SERVING`` otherwise) and
+server reflection. Never imports torch (a test checks it in a subprocess).
+
+Every flag has an environment variable (``DSV32_<FLAG>``), for deployments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import uuid
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dsv32_proto import serving_pb2, serving_pb2_grpc
+from dsv32_router import telemetry
+from dsv32_router.directory import WorkerDirectory
+from dsv32_router.orchestrator import Orchestrator, RouterLimits
+from dsv32_router.state import DEFAULT_PREFIX, AsyncClusterState
+from dsv32_router.validation import ModelSpec, RequestError
+
+log = logging.getLogger("dsv32_router")
+SERVICE = serving_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+
+
+def env(name: str, default=None):
+    return os.environ.get(f"DSV32_{name.upper()}", default)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=env("model"), help="checkpoint directory (tokenizer, config) [DSV32_MODEL]")
+    p.add_argument("--served-model-name", default=env("served_model_name"),
+                   help="model id clients send (default: the checkpoint directory's name)")
+    p.add_argument("--numerics", default=env("numerics", "exact"), choices=("exact", "fp8"))
+    p.add_argument("--host", default=env("host", "127.0.0.1"), help="bind address [DSV32_HOST]")
+    p.add_argument("--port", type=int, default=int(env("port", "50051")), help="0 = any free port [DSV32_PORT]")
+    p.add_argument("--redis-url", default=env("redis_url", "redis://127.0.0.1:6379/0"), help="[DSV32_REDIS_URL]")
+    p.add_argument("--redis-prefix", default=env("redis_prefix", DEFAULT_PREFIX))
+    p.add_argument("--max-inflight", type=int, default=int(env("max_inflight", "256")))
+    p.add_argument("--max-waiting", type=int, default=int(env("max_waiting", "256")))
+    p.add_argument("--admission-timeout", type=float, default=float(env("admission_timeout", "10")))
+    p.add_argument("--max-attempts", type=int, default=int(env("max_attempts", "3")))
+    p.add_argument("--ready-file", default=env("ready_file"),
+                   help="write HOST:PORT here once serving (used by `dsv32-serve up`)")
+    p.add_argument("--otel-exporter", default=env("otel_exporter", "none"), choices=telemetry.EXPORTERS)
+    p.add_argument("--metrics-port", type=int, default=int(env("metrics_port", "0")))
+    p.add_argument("--log-level", default=env("log_level", "INFO"))
+
+
+class GenerationService(serving_pb2_grpc.GenerationServicer):
+    def __init__(self, orch: Orchestrator):
+        self.orch = orch
+
+    async def Generate(self, request, context):
+        code = "OK"
+        try:
+            async for out in self.orch.generate(request, context):
+                yield out
+        except RequestError as e:
+            code = e.code.name
+            await context.abort(e.code, e.message)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            telemetry.REQUESTS.labels("router", code).inc()
+
+    async def ListModels(self, request, context):
+        s = self.orch.spec
+        return serving_pb2.ListModelsResponse(models=[serving_pb2.ModelInfo(
+            id=s.name, max_model_len=s.max_model_len, vocab_size=s.vocab_size, numerics=s.numerics)])
+
+
+class Router:
+    """The router process: gRPC server, worker directory, health status."""
+
+    def __init__(self, args: argparse.Namespace):
+        if not args.model:
+            raise SystemExit("router: --model (or DSV32_MODEL) is required")
+        from dsv32_engine.tokenizer import load_tokenizer
+
+        self.args = args
+        self.tracing = telemetry.setup_tracing("dsv32-router", args.otel_exporter)
+        self.spec = ModelSpec.from_checkpoint(args.model, args.served_model_name, args.numerics)
+        self.tokenizer = load_tokenizer(args.model)
+        self.router_id = f"router-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.limits = RouterLimits(max_inflight=args.max_inflight, max_waiting=args.max_waiting,
+                                   admission_timeout_s=args.admission_timeout, max_attempts=args.max_attempts)
+
+    async def serve(self) -> None:
+        args = self.args
+        state = AsyncClusterState.from_url(args.redis_url, args.redis_prefix)
+        directory = WorkerDirectory(state, interceptors=telemetry.grpc_client_interceptors(True, self.tracing))
+        await directory.start()
+        orch = Orchestrator(self.spec, self.tokenizer, state, directory, self.limits, self.router_id)
+        server = grpc.aio.server(interceptors=telemetry.grpc_server_interceptors(True, self.tracing),
+                                 options=[("grpc.so_reuseport", 0)])
+        serving_pb2_grpc.add_GenerationServicer_to_server(GenerationService(orch), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        port = server.add_insecure_port(f"{args.host}:{args.port}")
+        if port == 0:
+            raise SystemExit(f"router: cannot bind {args.host}:{args.port}")
+        await server.start()
+        telemetry.start_metrics(args.metrics_port, args.host)
+        endpoint = f"{args.host}:{port}"
+        log.info("router %s serving %s on %s (redis %s)", self.router_id, self.spec.name, endpoint, args.redis_url)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        health_task = asyncio.create_task(self._health_loop(directory, health_servicer))
+        if args.ready_file:
+            tmp = f"{args.ready_file}.tmp"
+            with open(tmp, "w") as f:
+                f.write(endpoint + "\n")
+            os.replace(tmp, args.ready_file)
+        print(f"router listening {endpoint}", flush=True)
+        await stop.wait()
+        log.info("router shutting down")
+        await health_servicer.enter_graceful_shutdown()
+        health_task.cancel()
+        await server.stop(grace=2.0)
+        await directory.close()
+        await state.aclose()
+
+    async def _health_loop(self, directory: WorkerDirectory, hs) -> None:
+        last = None
+        while True:
+            counts = directory.counts()
+            ok = counts["prefill"] > 0 and counts["decode"] > 0
+            if ok != last:
+                status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+                await hs.set("", status)
+                await hs.set(SERVICE, status)
+                log.info("health: %s (%d prefill, %d decode)", "SERVING" if ok else "NOT_SERVING",
+                         counts["prefill"], counts["decode"])
+                last = ok
+            await asyncio.sleep(directory.refresh_s)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(Router(args).serve())
+    return 0

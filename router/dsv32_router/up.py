@@ -1,0 +1,252 @@
+"""``dsv32-serve up``: a whole cluster on this machine.
+
+Starts (unless ``--redis-url`` names one) a private ``redis-server`` on a free
+port, then ``--decode`` decode workers, ``--prefill`` prefill workers and one
+router, each a separate process (``python -m dsv32_engine.cli ROLE ...``).
+Once every worker is registered in Redis and the router answers its gRPC
+health check with ``SERVING``, prints ``ready HOST:PORT`` (the router's
+endpoint) on stdout.
+
+No orphans: every child runs in its own session (so its process group can be
+signalled as a whole) with ``PR_SET_PDEATHSIG`` = SIGTERM (so it dies with
+``up`` even if ``up`` is killed with SIGKILL). Ctrl-C or SIGTERM stops the
+router, then the workers (they deregister), then Redis: SIGTERM to each
+process group, SIGKILL to whatever is left after ``--grace`` seconds. If a
+child dies on its own, ``up`` stops the rest and exits non-zero, printing the
+tail of its log. Logs go to ``--log-dir`` (a temporary directory by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dsv32_router.redis_server import RedisServer
+from dsv32_router.state import DEFAULT_PREFIX, ClusterState
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    e = os.environ.get
+    p.add_argument("--model", default=e("DSV32_MODEL"),
+                   help="checkpoint directory (default: checkpoints/tiny, made with make-checkpoint if missing)")
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    p.add_argument("--decode", type=int, default=1, help="decode workers")
+    p.add_argument("--redis-url", default=e("DSV32_REDIS_URL"), help="use this Redis instead of starting one")
+    p.add_argument("--redis-prefix", default=DEFAULT_PREFIX)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="router port (0 = any free port)")
+    p.add_argument("--numerics", default="exact", choices=("exact", "fp8"))
+    p.add_argument("--num-pages", type=int, default=None, help="cache pages per worker")
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--enable-fault-injection", action="store_true", help="(tests) workers honour InjectFault")
+    p.add_argument("--router-arg", action="append", default=[], help="extra router flag (repeatable)")
+    p.add_argument("--prefill-arg", action="append", default=[], help="extra prefill worker flag (repeatable)")
+    p.add_argument("--decode-arg", action="append", default=[], help="extra decode worker flag (repeatable)")
+    p.add_argument("--log-dir", default=None, help="where the processes' logs go (default: a temp dir)")
+    p.add_argument("--ready-timeout", type=float, default=300.0)
+    p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL at shutdown")
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+    def tail(self, n: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+
+class Cluster:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="dsv32-up-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.children: list[Child] = []
+        self.redis: RedisServer | None = None
+        self.stopping = False
+
+    # -- starting --------------------------------------------------------------------
+    def spawn(self, name: str, argv: list[str]) -> Child:
+        log = self.log_dir / f"{name}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.setdefault("OMP_NUM_THREADS", "1")
+        with open(log, "ab") as f:
+            proc = subprocess.Popen([sys.executable, "-m", "dsv32_engine.cli", *argv], stdout=f, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
+        child = Child(name, proc, log)
+        self.children.append(child)
+        return child
+
+    def start(self) -> str:
+        a = self.args
+        model = ensure_model(a.model)
+        if a.redis_url:
+            redis_url, suffix = a.redis_url, "-" + uuid.uuid4().hex[:4]
+        else:
+            self.redis = RedisServer(host="127.0.0.1", workdir=str(self.log_dir / "redis"),
+                                     preexec_fn=_die_with_parent)
+            (self.log_dir / "redis").mkdir(exist_ok=True)
+            redis_url, suffix = self.redis.start().url, ""
+        common = ["--model", model, "--redis-url", redis_url, "--redis-prefix", a.redis_prefix, "--host", a.host,
+                  "--numerics", a.numerics]
+        engine = []
+        for flag in ("num_pages", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(a, flag) is not None:
+                engine += ["--" + flag.replace("_", "-"), str(getattr(a, flag))]
+        if a.enable_fault_injection:
+            engine.append("--enable-fault-injection")
+        ids = {"decode": [f"decode-{i}{suffix}" for i in range(a.decode)],
+               "prefill": [f"prefill-{i}{suffix}" for i in range(a.prefill)]}
+        for role in ("decode", "prefill"):
+            extra = a.decode_arg if role == "decode" else a.prefill_arg
+            for wid in ids[role]:
+                self.spawn(wid, [role, *common, *engine, "--port", "0", "--worker-id", wid, "--exit-with-parent",
+                                 *extra])
+        ready_file = self.log_dir / "router.ready"
+        ready_file.unlink(missing_ok=True)
+        self.spawn("router", ["router", *common, "--port", str(a.port), "--ready-file", str(ready_file),
+                              *a.router_arg])
+        print(f"up: redis {redis_url}, logs in {self.log_dir}", file=sys.stderr, flush=True)
+        return self.wait_ready(ClusterState.from_url(redis_url, a.redis_prefix), ids, ready_file)
+
+    def wait_ready(self, state: ClusterState, ids: dict[str, list[str]], ready_file: Path) -> str:
+        deadline = time.monotonic() + self.args.ready_timeout
+        want = set(ids["decode"]) | set(ids["prefill"])
+        endpoint = None
+        while time.monotonic() < deadline and not self.stopping:
+            self.check_children()
+            if endpoint is None and ready_file.exists():
+                endpoint = ready_file.read_text().strip() or None
+            registered = {w.worker_id for w in state.workers()} & want
+            if endpoint and registered == want and _serving(endpoint):
+                state.client.close()
+                return endpoint
+            time.sleep(0.2)
+        state.client.close()
+        if self.stopping:
+            raise KeyboardInterrupt
+        raise RuntimeError(f"cluster not ready after {self.args.ready_timeout:.0f}s (logs in {self.log_dir})")
+
+    def check_children(self) -> None:
+        for c in self.children:
+            if c.proc.poll() is not None:
+                raise ChildDied(c)
+
+    # -- stopping ------------------------------------------------------------------------
+    def stop(self) -> None:
+        # router first (no new requests), then workers, then Redis (they deregister in it)
+        order = [c for c in self.children if c.name == "router"] + [c for c in self.children if c.name != "router"]
+        for group in (order[:1], order[1:]):
+            for c in group:
+                _signal_group(c.proc, signal.SIGTERM)
+            deadline = time.monotonic() + self.args.grace
+            for c in group:
+                try:
+                    c.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+                _signal_group(c.proc, signal.SIGKILL)  # stragglers, and grandchildren of the group
+                try:
+                    c.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+        if self.redis is not None:
+            self.redis.stop()
+
+
+class ChildDied(RuntimeError):
+    def __init__(self, child: Child):
+        super().__init__(f"{child.name} exited with status {child.proc.returncode}")
+        self.child = child
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the child leads its own session, so pgid == pid
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _serving(endpoint: str) -> bool:
+    try:
+        with grpc.insecure_channel(endpoint) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+def ensure_model(model: str | None) -> str:
+    """The checkpoint directory; the default tiny one is made on first use."""
+    if model:
+        if not Path(model, "config.json").is_file():
+            raise SystemExit(f"up: {model} is not a checkpoint directory (no config.json)")
+        return str(Path(model).resolve())
+    default = Path("checkpoints/tiny").resolve()
+    if not (default / "config.json").is_file():
+        print(f"up: making the tiny checkpoint in {default}", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "dsv32_engine.cli", "make-checkpoint", "--preset", "tiny",
+                        "--out", str(default)], check=True)
+    return str(default)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.prefill < 1 or args.decode < 1:
+        raise SystemExit("up: --prefill and --decode must be >= 1")
+    cluster = Cluster(args)
+
+    def on_signal(signum, frame):
+        cluster.stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    code = 0
+    try:
+        endpoint = cluster.start()
+        print(f"ready {endpoint}", flush=True)
+        while not cluster.stopping:
+            cluster.check_children()
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    except ChildDied as e:
+        print(f"up: {e}; stopping the cluster. Last lines of {e.child.log}:\n{e.child.tail()}", file=sys.stderr)
+        code = 1
+    except Exception as e:
+        print(f"up: {e}", file=sys.stderr)
+        for c in cluster.children:
+            print(f"--- {c.name} ({c.log}) ---\n{c.tail(1500)}", file=sys.stderr)
+        code = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        cluster.stop()
+        print("up: stopped", file=sys.stderr, flush=True)
+    return code
