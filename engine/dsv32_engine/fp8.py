@@ -21,8 +21,17 @@ AMAX_FLOOR = 1e-4
 
 
 def pow2_scale(amax: torch.Tensor) -> torch.Tensor:
-    """Power-of-two scale that maps ``amax`` into the e4m3 range."""
-    return torch.exp2(torch.ceil(torch.log2(amax.clamp_min(AMAX_FLOOR) / FP8_MAX)))
+    """Power-of-two scale that maps ``amax`` into the e4m3 range.
+
+    Computed on the fp32 bits (exponent, +1 if any mantissa bit is set), as REF's
+    ``fast_log2_ceil`` does: ``log2`` in fp32 rounds ``2^k·(1+ε)`` down to ``k``
+    and would give a scale below ``amax/448``; the bit form is exact and is what
+    the Triton kernels compute too.
+    """
+    y = amax.float().clamp_min(AMAX_FLOOR) / FP8_MAX
+    bits = y.view(torch.int32)
+    exp = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+    return (exp.clamp_max(254) << 23).view(torch.float32)
 
 
 def quant_blocks(x: torch.Tensor, block: int = FP8_TILE) -> tuple[torch.Tensor, torch.Tensor]:
