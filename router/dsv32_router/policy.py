@@ -52,7 +52,7 @@ class Pending:
 class PairPolicy:
     page_size: int = 64
     pending: dict[str, Pending] = field(default_factory=dict)
-    _turn: itertools.count = field(default_factory=itertools.count)
+    _turns: dict[str, itertools.count] = field(default_factory=dict)
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
@@ -60,8 +60,10 @@ class PairPolicy:
     def _pending(self, worker_id: str) -> Pending:
         return self.pending.setdefault(worker_id, Pending())
 
-    def _rotation(self, workers: list[WorkerInfo]) -> dict[str, int]:
-        turn = next(self._turn)
+    def _rotation(self, workers: list[WorkerInfo], role: str) -> dict[str, int]:
+        # one counter per role: a shared one would advance twice per request and,
+        # with two workers of each role, always land on the same parity
+        turn = next(self._turns.setdefault(role, itertools.count()))
         ids = sorted(w.worker_id for w in workers)
         return {wid: (i - turn) % len(ids) for i, wid in enumerate(ids)}
 
@@ -83,7 +85,7 @@ class PairPolicy:
         for w in fits:
             if w.worker_id == affinity:
                 return w
-        order = self._rotation(fits)
+        order = self._rotation(fits, "decode")
         return min(fits, key=lambda w: (w.running + self._pending(w.worker_id).requests,
                                         -(w.free_pages - self._pending(w.worker_id).pages), order[w.worker_id]))
 
@@ -92,7 +94,7 @@ class PairPolicy:
         if not prefill:
             raise NoWorkers("no prefill worker is registered")
         fits = [w for w in prefill if w.worker_id not in avoid] or prefill
-        order = self._rotation(fits)
+        order = self._rotation(fits, "prefill")
         return min(fits, key=lambda w: (w.queued_tokens + self._pending(w.worker_id).tokens, order[w.worker_id]))
 
     # -- bookkeeping of what this router has in flight ------------------------

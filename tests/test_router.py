@@ -1,0 +1,492 @@
+"""The router process against in-process fake workers and a real redis-server.
+
+The fakes speak the internal worker protocol with a deterministic "model":
+the token at absolute position ``pos`` is ``fake_token(seed, pos)``, so a
+retry that continues from prompt + generated tokens must reproduce the same
+stream, and duplicated or lost tokens show. Faults are scripted per test.
+End-to-end tests with the real engine are in ``test_e2e*.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from concurrent import futures
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dsv32_proto import serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
+from dsv32_router.client import GenerateError, generate, list_models, stream_generate
+from dsv32_router.redis_server import free_port
+from dsv32_router.state import ClusterState, WorkerInfo
+
+MAX_MODEL_LEN = 512
+PAGE = 64
+
+
+def fake_token(seed: int, pos: int) -> int:
+    return 1000 + (seed * 31 + pos * 17) % 5000
+
+
+class FakeDecode(worker_pb2_grpc.DecodeWorkerServicer):
+    def __init__(self, worker_id: str, total_pages: int = 64):
+        self.worker_id, self.total_pages = worker_id, total_pages
+        self.committed: dict[str, int] = {}
+        self.faults: deque = deque()  # "data_loss" | ("die_after", n) | ("slow", seconds per token)
+        self.log: list[tuple[str, str]] = []  # (event, request id)
+        self.lock = threading.Lock()
+
+    def free(self) -> int:
+        return self.total_pages - sum(self.committed.values())
+
+    def Reserve(self, req, ctx):
+        need = -(-(req.num_prompt_tokens + req.max_tokens) // PAGE)
+        with self.lock:
+            if need > self.free():
+                ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "full")
+            self.committed[req.request_id] = need
+        self.log.append(("reserve", req.request_id))
+        return worker_pb2.ReserveResponse(decode_worker_id=self.worker_id, transfer_endpoint="127.0.0.1:1",
+                                          transfer_id=f"t-{req.request_id}", page_ids=list(range(need)), page_size=PAGE)
+
+    def Decode(self, req, ctx):
+        rid = req.request_id
+        fault = self.faults.popleft() if self.faults else None
+        self.log.append(("decode", rid))
+        ctx.add_callback(lambda: self._release(rid, "stream-ended"))
+        if fault == "data_loss":
+            self._release(rid, "checksum-failed")
+            ctx.abort(grpc.StatusCode.DATA_LOSS, "KV checksum mismatch (fake)")
+        yield worker_pb2.DecodeResponse(tokens=[req.first], received_bytes=req.sent_bytes, checksum=req.checksum)
+        if req.first.finished:
+            return
+        delay = fault[1] if isinstance(fault, tuple) and fault[0] == "slow" else 0.0
+        n_prompt, s = len(req.prompt_ids), req.sampling
+        for i in range(1, s.max_tokens):
+            if isinstance(fault, tuple) and fault[0] == "die_after" and i >= fault[1]:
+                ctx.abort(grpc.StatusCode.UNAVAILABLE, "decode worker died (fake)")
+            if delay:
+                time.sleep(delay)
+            if not ctx.is_active():
+                return
+            tok = fake_token(s.seed, n_prompt + i)
+            last = i == s.max_tokens - 1 or tok in s.stop_token_ids
+            yield worker_pb2.DecodeResponse(tokens=[worker_pb2.Token(
+                token_id=tok, finished=last, finish_reason=("stop" if tok in s.stop_token_ids else "length") if last else "")])
+            if last:
+                return
+
+    def _release(self, rid: str, why: str) -> None:
+        with self.lock:
+            if self.committed.pop(rid, None) is not None:
+                self.log.append((why, rid))
+
+    def Cancel(self, req, ctx):
+        with self.lock:
+            found = self.committed.pop(req.request_id, None) is not None
+        self.log.append(("cancel", req.request_id))
+        return worker_pb2.CancelResponse(found=found)
+
+
+class FakePrefill(worker_pb2_grpc.PrefillWorkerServicer):
+    def __init__(self, worker_id: str):
+        self.worker_id = worker_id
+        self.prompts: list[list[int]] = []
+        self.faults: deque = deque()  # "unavailable"
+
+    def Prefill(self, req, ctx):
+        self.prompts.append(list(req.prompt_ids))
+        if self.faults and self.faults.popleft() == "unavailable":
+            ctx.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker died (fake)")
+        s = req.sampling
+        tok = fake_token(s.seed, len(req.prompt_ids))
+        last = s.max_tokens == 1 or tok in s.stop_token_ids
+        first = worker_pb2.Token(token_id=tok, finished=last, finish_reason=("length" if last else ""))
+        return worker_pb2.PrefillResponse(first=first, checksum="crc32:0", sent_bytes=123,
+                                          prompt_tokens=len(req.prompt_ids))
+
+
+class FakeCluster:
+    """Fake workers in this process, heartbeating into Redis; the router is a real subprocess."""
+
+    def __init__(self, redis_url: str, prefix: str, n_prefill=1, n_decode=1, decode_pages=64):
+        self.state = ClusterState.from_url(redis_url, prefix)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+        self.decode = {f"fd{i}": FakeDecode(f"fd{i}", decode_pages) for i in range(n_decode)}
+        self.decode_faults = deque()  # consumed by whichever decode worker serves next
+        for d in self.decode.values():
+            d.faults = self.decode_faults
+        self.prefill = {f"fp{i}": FakePrefill(f"fp{i}") for i in range(n_prefill)}
+        self.servers, self.infos = [], []
+        for wid, svc in [*self.decode.items(), *self.prefill.items()]:
+            srv = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+            if isinstance(svc, FakeDecode):
+                worker_pb2_grpc.add_DecodeWorkerServicer_to_server(svc, srv)
+            else:
+                worker_pb2_grpc.add_PrefillWorkerServicer_to_server(svc, srv)
+            port = srv.add_insecure_port("127.0.0.1:0")
+            srv.start()
+            self.servers.append(srv)
+            role = "decode" if isinstance(svc, FakeDecode) else "prefill"
+            self.infos.append((WorkerInfo(wid, role, f"127.0.0.1:{port}", total_pages=decode_pages), svc))
+        self._stop = threading.Event()
+        self.beat()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def beat(self) -> None:
+        for info, svc in self.infos:
+            if isinstance(svc, FakeDecode):
+                info.free_pages = svc.free()
+                info.running = len(svc.committed)
+            self.state.heartbeat(info)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.1):
+            self.beat()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for info, _ in self.infos:
+            self.state.deregister(info.worker_id)
+        for srv in self.servers:
+            srv.stop(None)
+
+
+def write_model_dir(path) -> str:
+    from dsv32_engine.tokenizer import write_tokenizer_files
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"vocab_size": 129280, "max_position_embeddings": MAX_MODEL_LEN,
+                                                  "eos_token_id": 1, "model_type": "deepseek_v32"}))
+    (path / "generation_config.json").write_text(json.dumps({"temperature": 1.0, "top_p": 0.95}))
+    write_tokenizer_files(path)
+    return str(path)
+
+
+def start_router(model_dir: str, redis_url: str, prefix: str, *extra: str):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dsv32_engine.cli", "router", "--model", model_dir,
+                             "--served-model-name", "tiny", "--redis-url", redis_url, "--redis-prefix", prefix,
+                             "--port", str(port), "--admission-timeout", "1", "--log-level", "WARNING", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    target = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stdout.read())
+        try:
+            with grpc.insecure_channel(target) as ch:
+                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+            return proc, target
+        except grpc.RpcError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("router did not start")
+
+
+@pytest.fixture(scope="module")
+def router_env(tmp_path_factory, redis_server):
+    url = f"redis://{redis_server.host}:{redis_server.port}/2"
+    model_dir = write_model_dir(tmp_path_factory.mktemp("fake-model"))
+    cluster = FakeCluster(url, "rt:", n_prefill=2, n_decode=2)
+    proc, target = start_router(model_dir, url, "rt:")
+    yield cluster, target, model_dir, url
+    proc.terminate()
+    proc.wait(10)
+    cluster.close()
+
+
+@pytest.fixture
+def env(router_env):
+    cluster = router_env[0]
+    for svc in [*cluster.decode.values(), *cluster.prefill.values()]:
+        svc.faults.clear()
+    yield router_env
+    for d in cluster.decode.values():  # every test leaves the pools as it found them
+        deadline = time.monotonic() + 5
+        while d.committed and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not d.committed, f"{d.worker_id} still holds {d.committed}"
+
+
+def expected_tokens(prompt_len: int, n: int, seed: int) -> list[int]:
+    return [fake_token(seed, prompt_len + i) for i in range(n)]
+
+
+def test_stream_matches_fake_model_and_records_finish(env):
+    cluster, target, _, url = env
+    prompt = [5, 6, 7, 8, 9]
+    out = generate(target, prompt, max_tokens=12, seed=3, temperature=0.0, request_id="happy-1")
+    assert out.token_ids == expected_tokens(5, 12, 3)
+    assert out.finish_reason == "length" and out.usage.completion_tokens == 12 and out.usage.prompt_tokens == 5
+    assert out.usage.time_to_first_token_s > 0 and out.usage.e2e_s >= out.usage.time_to_first_token_s
+    from dsv32_engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(env[2])
+    assert out.text == tok.decode(out.token_ids)
+    assert out.prefill_worker in cluster.prefill and out.decode_worker in cluster.decode
+    rec = cluster.state.request("happy-1")
+    assert rec["state"] == "finished" and rec["finish_reason"] == "length" and rec["completion_tokens"] == "12"
+    assert rec["prefill_worker"] == out.prefill_worker and rec["decode_worker"] == out.decode_worker
+    for s in ("queued", "prefilling", "transferring", "decoding", "finished"):
+        assert f"{s}_at" in rec
+
+
+def test_max_tokens_one_skips_the_decode_stream_echo(env):
+    _, target, _, _ = env
+    out = generate(target, [1, 2, 3], max_tokens=1, seed=9)
+    assert out.token_ids == expected_tokens(3, 1, 9) and out.finish_reason == "length"
+
+
+def test_stop_string_cuts_text_and_frees_the_decode_worker(env):
+    cluster, target, model_dir, _ = env
+    from dsv32_engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    full = expected_tokens(4, 40, 11)
+    text = tok.decode(full)
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    cut = text.find(stop)
+    msgs = list(stream_generate(target, [1, 2, 3, 4], max_tokens=40, seed=11, stop=[stop], request_id="stop-1"))
+    got = "".join(m.text for m in msgs)
+    assert got == text[:cut] and msgs[-1].finish_reason == "stop"
+    assert cluster.state.request("stop-1")["state"] == "finished"
+
+
+def test_retry_after_checksum_mismatch(env):
+    cluster, target, _, _ = env
+    cluster.decode_faults.append("data_loss")
+    out = generate(target, [3] * 70, max_tokens=8, seed=1, request_id="crc-1")
+    assert out.token_ids == expected_tokens(70, 8, 1)
+    rec = cluster.state.request("crc-1")
+    assert rec["state"] == "finished" and rec["attempts"] == "2" and "checksum" in rec["error"].lower()
+
+
+def test_retry_mid_stream_continues_without_duplicates(env):
+    cluster, target, _, _ = env
+    cluster.decode_faults.append(("die_after", 4))
+    prompt = [7] * 10
+    for p in cluster.prefill.values():
+        p.prompts.clear()
+    out = generate(target, prompt, max_tokens=10, seed=2, request_id="die-1")
+    assert out.token_ids == expected_tokens(10, 10, 2), "a retry must neither repeat nor drop tokens"
+    prompts = sorted((p for f in cluster.prefill.values() for p in f.prompts), key=len)
+    assert prompts[0] == prompt and prompts[1][:10] == prompt and len(prompts[1]) == 10 + 4
+    rec = cluster.state.request("die-1")
+    assert rec["state"] == "finished" and rec["attempts"] == "2"
+
+
+def test_gives_up_with_unavailable_after_max_attempts(env):
+    cluster, target, _, _ = env
+    cluster.decode_faults.extend(["data_loss"] * 3)
+    with pytest.raises(GenerateError) as e:
+        generate(target, [1, 2], max_tokens=4, seed=1, request_id="fail-1")
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE and "checksum" in e.value.details.lower()
+    assert cluster.state.request("fail-1")["state"] == "failed"
+
+
+def test_prefill_failure_frees_the_reservation_and_retries(env):
+    cluster, target, _, _ = env
+    for p in cluster.prefill.values():
+        p.faults.append("unavailable")
+    out = generate(target, [4, 4], max_tokens=3, seed=4, request_id="pf-1")
+    assert out.token_ids == expected_tokens(2, 3, 4)
+    cancelled = [rid for d in cluster.decode.values() for ev, rid in d.log if ev == "cancel"]
+    assert "pf-1" in cancelled
+
+
+def test_client_cancel_mid_stream_frees_decode_and_records_cancelled(env):
+    cluster, target, _, _ = env
+    cluster.decode_faults.append(("slow", 0.05))
+    it = stream_generate(target, [1] * 5, max_tokens=200, seed=1, request_id="cancel-1")
+    next(it)
+    next(it)
+    it.close()  # cancels the call
+    deadline = time.monotonic() + 5
+    while cluster.state.request("cancel-1").get("state") != "cancelled" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rec = cluster.state.request("cancel-1")
+    assert rec["state"] == "cancelled" and rec["error"] == "client cancelled"
+    # the env fixture checks that the fake decode worker's pages came back
+
+
+def test_deadline_expiry_is_deadline_exceeded_and_frees_decode(env):
+    cluster, target, _, _ = env
+    cluster.decode_faults.append(("slow", 0.05))
+    with pytest.raises(GenerateError) as e:
+        generate(target, [1] * 5, max_tokens=200, seed=1, request_id="dl-1", timeout=0.5)
+    assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 5
+    while cluster.state.request("dl-1").get("state") != "cancelled" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cluster.state.request("dl-1")["state"] == "cancelled"
+
+
+BAD = [
+    (dict(prompt=""), "INVALID_ARGUMENT", "prompt"),
+    (dict(prompt=[]), "INVALID_ARGUMENT", "token_ids.ids"),
+    (dict(prompt=[1, 2, 200000]), "INVALID_ARGUMENT", "token_ids.ids[2]"),
+    (dict(prompt=[1] * MAX_MODEL_LEN), "OUT_OF_RANGE", "token_ids"),
+    (dict(prompt="hi", temperature=-0.5), "INVALID_ARGUMENT", "sampling.temperature"),
+    (dict(prompt="hi", temperature=float("nan")), "INVALID_ARGUMENT", "sampling.temperature"),
+    (dict(prompt="hi", top_p=1.5), "INVALID_ARGUMENT", "sampling.top_p"),
+    (dict(prompt="hi", top_p=0.0), "INVALID_ARGUMENT", "sampling.top_p"),
+    (dict(prompt="hi", top_k=-3), "INVALID_ARGUMENT", "sampling.top_k"),
+    (dict(prompt="hi", max_tokens=0), "INVALID_ARGUMENT", "sampling.max_tokens"),
+    (dict(prompt="hi", max_tokens=10**9), "INVALID_ARGUMENT", "sampling.max_tokens"),
+    (dict(prompt="hi", logprobs=50), "INVALID_ARGUMENT", "sampling.logprobs"),
+    (dict(prompt="hi", stop=[""]), "INVALID_ARGUMENT", "sampling.stop[0]"),
+    (dict(prompt="hi", stop_token_ids=[10**7]), "INVALID_ARGUMENT", "sampling.stop_token_ids[0]"),
+    (dict(prompt="hi", model="gpt-17"), "NOT_FOUND", "model"),
+    (dict(prompt="hi", request_id="bad id with spaces"), "INVALID_ARGUMENT", "request_id"),
+    (dict(messages=[]), "INVALID_ARGUMENT", "chat.messages"),
+    (dict(messages=[{"role": "wizard", "content": "x"}]), "INVALID_ARGUMENT", "chat.messages[0].role"),
+]
+
+
+@pytest.mark.parametrize("kwargs,code,field", BAD, ids=[f"{c}-{f}" for _, c, f in BAD])
+def test_bad_input_is_refused_before_any_worker_is_touched(env, kwargs, code, field):
+    cluster, target, _, _ = env
+    before = [len(d.log) for d in cluster.decode.values()] + [len(p.prompts) for p in cluster.prefill.values()]
+    n_records = len(cluster.state.recent_requests(1000))
+    kwargs = dict(kwargs)
+    prompt = kwargs.pop("prompt", None)
+    with pytest.raises(GenerateError) as e:
+        generate(target, prompt, **kwargs)
+    assert e.value.code.name == code
+    assert e.value.details.startswith(field), e.value.details
+    after = [len(d.log) for d in cluster.decode.values()] + [len(p.prompts) for p in cluster.prefill.values()]
+    assert after == before, "no worker was disturbed"
+    assert len(cluster.state.recent_requests(1000)) == n_records, "no request record was opened"
+
+
+def test_duplicate_request_id_is_already_exists(env):
+    _, target, _, _ = env
+    generate(target, [1], max_tokens=2, seed=1, request_id="dup-1")
+    with pytest.raises(GenerateError) as e:
+        generate(target, [1], max_tokens=2, seed=1, request_id="dup-1")
+    assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and e.value.details.startswith("request_id")
+
+
+def test_chat_prompt_and_text_prompt(env):
+    _, target, _, _ = env
+    out = generate(target, messages=[{"role": "user", "content": "Hello"}], max_tokens=3, seed=1)
+    assert len(out.token_ids) == 3 and out.usage.prompt_tokens > 3
+    out = generate(target, "Hello world", max_tokens=2, seed=1)
+    assert len(out.token_ids) == 2
+
+
+def test_requests_spread_and_sessions_stick(env):
+    cluster, target, _, _ = env
+    time.sleep(0.5)  # the router's registry snapshot shows both decode workers idle again
+    seen_d, seen_p = set(), set()
+    for i in range(6):
+        out = generate(target, [i + 1] * 3, max_tokens=2, seed=i)
+        seen_d.add(out.decode_worker)
+        seen_p.add(out.prefill_worker)
+    assert seen_d == set(cluster.decode) and seen_p == set(cluster.prefill)
+    first = generate(target, [1, 2, 3], max_tokens=2, seed=1, session_id="sess-1")
+    for _ in range(3):
+        again = generate(target, [1, 2, 3, 4, 5], max_tokens=2, seed=1, session_id="sess-1")
+        assert again.decode_worker == first.decode_worker
+    sess = cluster.state.session("sess-1")
+    assert sess["turns"] == "4" and sess["decode_worker"] == first.decode_worker
+    assert len(cluster.state.session_turns("sess-1")) == 4
+
+
+def test_no_capacity_is_resource_exhausted(env):
+    cluster, target, _, _ = env
+    # needs ceil((100 + 400) / 64) = 8 pages; fill both pools first
+    for d in cluster.decode.values():
+        d.committed["hog"] = d.total_pages - 4
+    try:
+        cluster.beat()
+        time.sleep(0.4)  # the router's registry snapshot catches up
+        with pytest.raises(GenerateError) as e:
+            generate(target, [1] * 100, max_tokens=400, seed=1)
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        for d in cluster.decode.values():
+            d.committed.pop("hog", None)
+
+
+def test_request_larger_than_any_pool_is_resource_exhausted_at_once(env):
+    cluster, target, model_dir, url = env
+    # 64 pages * 64 = 4096 tokens > context here, so use a smaller pool's cluster view instead:
+    for d in cluster.decode.values():
+        d.total_pages = 4
+    try:
+        for info, svc in cluster.infos:
+            info.total_pages = 4 if svc in cluster.decode.values() else info.total_pages
+        cluster.beat()
+        time.sleep(0.4)
+        t0 = time.monotonic()
+        with pytest.raises(GenerateError) as e:
+            generate(target, [1] * 300, max_tokens=100, seed=1)
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "largest decode pool" in e.value.details
+        assert time.monotonic() - t0 < 0.9, "no point waiting for capacity that can never exist"
+    finally:
+        for info, svc in cluster.infos:
+            if svc in cluster.decode.values():
+                svc.total_pages = info.total_pages = 64
+        cluster.beat()
+        time.sleep(0.3)
+
+
+def test_health_reflection_and_models(env):
+    _, target, _, _ = env
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(target) as ch:
+        for service in ("", "dsv32.serving.v1.Generation"):
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        [resp] = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                timeout=2))
+        names = {s.name for s in resp.list_services_response.service}
+        assert {"dsv32.serving.v1.Generation", "grpc.health.v1.Health"} <= names
+    [m] = list_models(target)
+    assert (m.id, m.max_model_len, m.vocab_size) == ("tiny", MAX_MODEL_LEN, 129280)
+
+
+def test_no_workers_is_unavailable(router_env, tmp_path):
+    _, _, model_dir, url = router_env
+    proc, target = start_router(model_dir, url, "empty:")
+    try:
+        with grpc.insecure_channel(target) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(GenerateError) as e:
+            generate(target, "hi", max_tokens=2)
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE and "no workers" in e.value.details
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_router_never_imports_torch():
+    code = ("import sys; import dsv32_router.server, dsv32_router.orchestrator, dsv32_router.client, "
+            "dsv32_router.up, dsv32_router.worker_process, dsv32_engine.tokenizer, dsv32_engine.detokenizer, "
+            "dsv32_engine.encoding; from dsv32_engine import cli; cli.build_parser(['router']); "
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
+            "assert not bad, bad; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_sync_servicer_protocol_has_every_rpc():
+    # The fakes must not drift from the proto: every RPC the router calls exists on the real services.
+    names = {m.name for m in worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].methods}
+    assert {"Reserve", "Decode", "Cancel"} <= names
+    assert "Prefill" in {m.name for m in worker_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].methods}
+    assert serving_pb2_grpc.GenerationStub and os.path.exists(serving_pb2.__file__)
