@@ -115,3 +115,11 @@ def test_async_state_matches_sync(redis_url, state):
     asyncio.run(go())
     assert state.request("a1")["state"] == "cancelled"
     assert state.session("s")["turns"] == "1"
+
+
+def test_request_ids_are_unique(state):
+    assert state.create_request("u1", router="a")
+    state.transition("u1", "prefilling")
+    assert not state.create_request("u1", router="b")
+    rec = state.request("u1")
+    assert rec["router"] == "a" and rec["state"] == "prefilling", "an existing record is never clobbered"
