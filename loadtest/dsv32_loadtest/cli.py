@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 import sys
 from datetime import datetime
@@ -176,6 +177,8 @@ def _compare(a: argparse.Namespace) -> int:
 def run(a: argparse.Namespace) -> int:
     if a.compare:
         return _compare(a)
+    # gRPC core logs every GOAWAY of a dying server at INFO; the report already counts them.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from .client import TargetError
     from .plots import plot_report
     from .report import format_summary, format_sweep, report_dict, write_csv, write_json

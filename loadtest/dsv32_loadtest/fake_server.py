@@ -30,12 +30,24 @@ class FakeGeneration(pb_grpc.GenerationServicer):
         self.vocab_size, self.max_model_len = vocab_size, max_model_len
         self.fail, self.fail_after_tokens = fail, fail_after_tokens
         self.requests: list[pb.GenerateRequest] = []
+        self.finished = 0                  # streams completed normally
+        self.in_flight = self.max_in_flight = 0
 
     async def ListModels(self, request, context):
         return pb.ListModelsResponse(models=[pb.ModelInfo(
             id="fake", max_model_len=self.max_model_len, vocab_size=self.vocab_size, numerics="none")])
 
     async def Generate(self, request, context):
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            async for msg in self._stream(request, context):
+                yield msg
+            self.finished += 1
+        finally:
+            self.in_flight -= 1
+
+    async def _stream(self, request, context):
         i = len(self.requests)
         self.requests.append(request)
         n_prompt = len(request.token_ids.ids)

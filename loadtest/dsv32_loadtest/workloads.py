@@ -180,13 +180,15 @@ class TraceWorkload:
         _check_lengths(trace_block_size=self.block_size)
         if not self.time_scale > 0:
             raise ValueError(f"trace-time-scale must be > 0, got {self.time_scale}")
+        # Parsed up front so that a malformed trace is reported before anything is sent.
+        object.__setattr__(self, "_entries", read_trace(self.path))
 
     def build(self, n: int | None, tokens: TokenSource) -> list[Conversation]:
-        entries = read_trace(self.path, limit=n)
+        entries = sorted(self._entries[:n] if n is not None else self._entries, key=lambda e: e.timestamp_ms)
         t0 = entries[0].timestamp_ms
         rng = np.random.default_rng([self.seed, 4])
         convs = []
-        for i, e in enumerate(entries):
+        for i, e in enumerate(entries):  # the first n lines of the file, in timestamp order
             ids = [t for h in e.hash_ids for t in tokens.block(h, self.block_size)][: e.input_length]
             ids += tokens.random(e.input_length - len(ids), rng)
             convs.append(Conversation(i, "trace", [Turn(ids, e.output_length)], session_id=e.session_id,
