@@ -31,15 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
-    def __init__(self, worker_id: str, engine, receiver, transfer_timeout_s: float, fault_injection: bool):
+    def __init__(self, worker_id: str, engine, receiver, transfer_timeout_s: float):
         self.worker_id, self.engine, self.receiver = worker_id, engine, receiver
         self.transfer_timeout_s = transfer_timeout_s
-        self.fault_injection = fault_injection
         self.lock = threading.Lock()
         self.prealloc = PreallocQueue(engine, self.lock, self._release_transfer)
         self.batch = RunningBatch(engine, self.lock, on_leave=lambda rid: self.prealloc.drop(rid, free_pages=False))
         self.counters = {"bytes_received": 0, "checksum_failures": 0}
-        self.faults: dict[str, int] = {}
         self.accepting = True
 
     # -- reserve -----------------------------------------------------------------
@@ -104,44 +102,39 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 self.prealloc.drop(rid, free_pages=True)
 
     def _await_transfer(self, res, request, context):
+        """Wait (bounded, cancellable) for the KV, then check it is what the prefill worker sent."""
+        from dsv32_engine.transfer import KVPoll, TransferError
+
         deadline = time.monotonic() + self.transfer_timeout_s
         while True:
             left = context.time_remaining()
-            step = min(0.5, max(0.0, deadline - time.monotonic()), left if left is not None else 0.5)
+            step = max(0.0, min(0.25, deadline - time.monotonic(), left if left is not None else 0.25))
             try:
                 received = self.receiver.wait(res.transfer_id, step)
                 break
-            except Exception as e:
+            except TransferError as e:
+                if self.receiver.poll(res.transfer_id) == KVPoll.FAILED:
+                    self._release_transfer(res.transfer_id)
+                    if "checksum" in str(e) or "geometry" in str(e):
+                        self._reject(request, str(e), context)
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer {res.transfer_id} failed: {e}")
                 if not context.is_active():
                     context.abort(grpc.StatusCode.CANCELLED, "stream cancelled while waiting for the KV")
-                if time.monotonic() >= deadline or "failed" in str(e):
+                if time.monotonic() >= deadline:
                     context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer {res.transfer_id}: {e}")
         self._release_transfer(res.transfer_id)
-        if self._take_fault("corrupt_next_transfer"):
-            received = self._corrupt(res.page_ids, received)
         self.counters["bytes_received"] += received.num_bytes
+        # The receiver already compared checksums with the sender over the pair group;
+        # this second look ties the verified data to the request the router sent.
         if received.checksum != request.checksum or received.num_bytes != request.sent_bytes:
-            self.counters["checksum_failures"] += 1
-            log.error("request %s: KV checksum mismatch (sent %s, %d bytes; received %s, %d bytes)", request.request_id,
-                      request.checksum, request.sent_bytes, received.checksum, received.num_bytes)
-            context.abort(grpc.StatusCode.DATA_LOSS, f"KV checksum mismatch on decode worker {self.worker_id}: sent "
-                          f"{request.checksum} ({request.sent_bytes} B), received {received.checksum} "
-                          f"({received.num_bytes} B)")
+            self._reject(request, f"sent {request.checksum} ({request.sent_bytes} B), received {received.checksum} "
+                         f"({received.num_bytes} B)", context)
         return received
 
-    def _corrupt(self, page_ids, received):
-        """Fault injection: flip one indexer byte of the received pages, then re-checksum
-        the pages as they now sit in the pool (what a bad link would have left there)."""
-        import dataclasses
-
-        from dsv32_engine.transfer_pages import CachePages, cache_checksum
-
-        pages = CachePages(self.engine.cache)
-        with self.lock:
-            pool = pages.parts(0)[-1]
-            pool[page_ids[0], 0] ^= 0xFF
-            checksum = cache_checksum(self.engine.cache, page_ids)
-        return dataclasses.replace(received, checksum=checksum)
+    def _reject(self, request, why: str, context) -> None:
+        self.counters["checksum_failures"] += 1
+        log.error("request %s: KV verification failed: %s", request.request_id, why)
+        context.abort(grpc.StatusCode.DATA_LOSS, f"KV verification failed on decode worker {self.worker_id}: {why}")
 
     def _stream(self, adm: Admission, context):
         while True:
@@ -197,21 +190,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         return self.stats()
 
     def InjectFault(self, request, context):
-        if not self.fault_injection:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "fault injection is off (--enable-fault-injection)")
-        if request.kind in ("", "none"):
-            self.faults.clear()
-        elif request.kind == "corrupt_next_transfer":
-            self.faults[request.kind] = max(1, request.count)
-        else:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"kind: unknown fault {request.kind!r}")
-        return worker_pb2.FaultResponse()
-
-    def _take_fault(self, kind: str) -> bool:
-        if self.faults.get(kind, 0) > 0:
-            self.faults[kind] -= 1
-            return True
-        return False
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "faults are injected on the prefill worker (the sending side)")
 
     def report(self) -> dict:
         return {"free_pages": self.free_pages(), "total_pages": self.engine.allocator.num_total,
@@ -227,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     worker_id = args.worker_id or f"decode-{socket.gethostname()}-{os.getpid()}"
     args.worker_id = worker_id
     receiver = KVReceiver(engine.cache, args.host, args.transfer_port, worker_id, args.transfer_timeout)
-    svc = DecodeService(worker_id, engine, receiver, args.transfer_timeout, args.enable_fault_injection)
+    svc = DecodeService(worker_id, engine, receiver, args.transfer_timeout)
     svc.batch.start()
     server, hs, hb, stop, _ = serve_worker("decode", args, svc, worker_pb2_grpc.add_DecodeWorkerServicer_to_server,
                                            svc.report, max_threads=2 * args.max_num_seqs + 16,

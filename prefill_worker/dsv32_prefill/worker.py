@@ -76,7 +76,19 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         return self.stats()
 
     def InjectFault(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "the prefill worker has no faults to inject")
+        """Test hook: corrupt the next ``count`` transfers in flight (after the sender's checksum)."""
+        if not self.fault_injection:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "fault injection is off (--enable-fault-injection)")
+        kinds = {"corrupt_next_transfer": "corrupt-index", "corrupt_index": "corrupt-index",
+                 "corrupt_latent": "corrupt-latent", "none": "", "": ""}
+        if request.kind not in kinds:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"kind: unknown fault {request.kind!r}")
+        # KVSender reads its fault from DSV32_TRANSFER_FAULT at construction; re-arm it
+        # at run time (two private fields: a public setter is requested from the transfer owner).
+        sender = self.scheduler.sender
+        sender._fault = kinds[request.kind]
+        sender._faults_left = max(1, request.count) if sender._fault else 0
+        return worker_pb2.FaultResponse()
 
     def report(self) -> dict:
         s = self.scheduler
