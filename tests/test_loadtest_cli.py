@@ -76,8 +76,12 @@ def test_single_run_writes_report_csv_and_plots(tmp_path, capsys):
     assert run["summary"]["good_requests"] == 12
     assert set(run["summary_by_kind"]) == {"chat", "long"}
     req = run["requests"][0]
-    for key in ("ttft_s", "tpot_s", "e2e_s", "itl_s", "chunk_times_s", "status", "input_tokens", "output_tokens"):
+    for key in ("ttft_s", "tpot_s", "e2e_s", "start_s", "end_s", "chunk_times_s", "chunk_tokens", "status",
+                "input_tokens", "output_tokens", "server_completion_tokens", "request_id", "kind"):
         assert key in req
+    assert req["ttft_s"] == pytest.approx(req["chunk_times_s"][0], abs=1e-6)
+    text = (out / "report.json").read_text()
+    assert sum(line.startswith('{"index":') for line in text.splitlines()) == 12  # one line a request
     with open(out / "requests.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 12 and all(r["status"] == "OK" and float(r["e2e_ms"]) >= float(r["ttft_ms"]) for r in rows)
@@ -91,7 +95,7 @@ def test_sweep_and_compare(tmp_path, capsys):
         for name in ("a", "b"):
             rc = main(["loadtest", "--target", target, "--num-prompts", "6", "--input-len", "4", "--output-len", "3",
                        "--request-rate", "100,300", "--slo", "tpot=1000", "--output-dir", str(tmp_path / name),
-                       "--no-progress"])
+                       "--no-progress", *(["--no-plots"] if name == "b" else [])])
             assert rc == 0
     doc = _strict_json(tmp_path / "a" / "report.json")
     assert [r["arrival"]["rate"] for r in doc["runs"]] == [100, 300]

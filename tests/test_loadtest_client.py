@@ -6,12 +6,16 @@ dead target, a server dying mid-run); the end-to-end test against a live
 """
 
 import asyncio
+import json
+import os
+import signal
 import socket
 
 import grpc
 import pytest
 
-from dsv32_loadtest import (Arrival, SessionWorkload, Slo, SyntheticWorkload, TargetError, arun_load)
+from dsv32_loadtest import (Arrival, SessionWorkload, Slo, SyntheticWorkload, TargetError, TraceWorkload,
+                            arun_load)
 from dsv32_loadtest._api import serving_pb2 as pb
 from dsv32_loadtest.client import check_loopback
 from dsv32_loadtest.fake_server import FakeGeneration, start_fake_server
@@ -214,3 +218,46 @@ def test_sweep_runs_once_per_rate():
     assert [r.arrival.rate for r in report.runs] == [100, 200]
     assert [r.label for r in report.runs] == ["gamma 100/s b=0.5", "gamma 200/s b=0.5"]
     assert all(r.summary(None)["completed"] == 10 for r in report.runs)
+
+
+def test_connections_are_bounded_and_all_used():
+    servicer = FakeGeneration(ttft_s=0.005, itl_s=0.001)
+
+    async def go(target, _):
+        return await arun_load(target, SyntheticWorkload(input_len=4, output_len=2), Arrival("burst"),
+                               num_prompts=30, connections=3)
+
+    asyncio.run(_with_server(servicer, go))
+    assert len(servicer.peers) == 3
+
+
+def test_ctrl_c_keeps_a_partial_report():
+    servicer = FakeGeneration(ttft_s=5.0)
+
+    async def go(target, _):
+        asyncio.get_running_loop().call_later(0.3, os.kill, os.getpid(), signal.SIGINT)
+        return await arun_load(target, SyntheticWorkload(input_len=4, output_len=2), Arrival("poisson", rate=50),
+                               num_prompts=100, handle_sigint=True)
+
+    run = asyncio.run(_with_server(servicer, go)).runs[0]
+    s = run.summary(None)
+    assert run.aborted.startswith("interrupted")
+    assert s["errors"] == {"CANCELLED": s["sent"]} and 0 < s["sent"] < 100
+    assert s["completed"] + s["failed"] + s["not_sent"] == 100
+
+
+def test_trace_lengths_under_poisson_arrivals(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"timestamp": 1000 * i, "input_length": 5 + i, "output_length": 2}) + "\n"
+                             for i in range(6)))
+
+    async def go(target, _):
+        return await arun_load(target, TraceWorkload(str(trace)), Arrival("poisson", rate=200, seed=0),
+                               num_prompts=None)
+
+    run = asyncio.run(_with_server(FakeGeneration(), go)).runs[0]
+    assert run.label == "poisson 200/s" and run.duration_s < 2.0   # not the trace's 5 s
+    assert sorted(r.input_tokens for r in run.results) == [5, 6, 7, 8, 9, 10]
+    with pytest.raises(ValueError, match="trace workload"):
+        asyncio.run(_with_server(FakeGeneration(), lambda t, _: arun_load(
+            t, SyntheticWorkload(), Arrival("trace"), num_prompts=2)))

@@ -122,3 +122,14 @@ def test_sessions_grow_their_history():
 def test_invalid_workloads(make):
     with pytest.raises(ValueError):
         make()
+
+
+def test_text_source_tokenizes_random_words():
+    pytest.importorskip("dsv32_engine.tokenizer")
+    source = TokenSource(seed=0, vocab_size=129280, source="text")
+    ids = source.random(200, np.random.default_rng(0))
+    assert len(ids) == 200 and max(ids) < 129280
+    assert ids == TokenSource(seed=0, vocab_size=129280, source="text").random(200, np.random.default_rng(0))
+    from dsv32_engine.tokenizer import load_tokenizer
+    words = load_tokenizer(None).decode(ids).split()
+    assert len(words) > 100 and all(w.isalpha() for w in words[1:-1])

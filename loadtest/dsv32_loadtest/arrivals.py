@@ -11,7 +11,8 @@ Open loop (the schedule does not wait for the server):
 Closed loop: ``closed`` — ``concurrency`` users, each sending its next request
 as soon as its previous one finishes. Any arrival process may also be capped
 with ``concurrency`` (at most that many requests in flight; arrivals wait).
-A trace workload brings its own timestamps instead.
+``trace`` — the send times a trace workload brings (its timestamps); any
+other process given to a trace workload replays its lengths on that schedule.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PROCESSES = ("poisson", "gamma", "burst", "closed")
+PROCESSES = ("poisson", "gamma", "burst", "closed", "trace")
 
 
 @dataclass(frozen=True)
@@ -60,14 +61,16 @@ class Arrival:
     def label(self) -> str:
         if self.process == "closed":
             return f"closed c={self.concurrency}"
-        if self.process == "burst":
-            return "burst"
+        if self.process in ("burst", "trace"):
+            return self.process + (f" c<={self.concurrency}" if self.concurrency else "")
         cap = f" c<={self.concurrency}" if self.concurrency else ""
         shape = f" b={self.burstiness:g}" if self.process == "gamma" else ""
         return f"{self.process} {self.rate:g}/s{shape}{cap}"
 
     def schedule(self, n: int) -> np.ndarray:
         """Send times in seconds from the run start, one per arrival (first at 0)."""
+        if self.process == "trace":
+            raise ValueError("trace arrivals take their times from a trace workload")
         if self.process in ("burst", "closed") or math.isinf(self.rate):
             return np.zeros(n)
         rng = np.random.default_rng(self.seed)

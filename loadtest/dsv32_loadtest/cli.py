@@ -25,7 +25,11 @@ EPILOG = """examples:
   dsv32-serve loadtest --workload mixed --request-rate 0.5,1,2,4 --slo ttft=2000,tpot=200
   dsv32-serve loadtest --arrival closed --concurrency 8 --num-prompts 64
   dsv32-serve loadtest --workload trace --trace mooncake.jsonl --trace-time-scale 4
-  dsv32-serve loadtest --compare disagg/report.json coloc/report.json"""
+  dsv32-serve loadtest --compare disagg/report.json coloc/report.json
+
+exit status: 0 = report written (failed requests are counted in it); 1 = the run
+was cut short (target gone, Ctrl-C) or nothing completed, partial report written;
+2 = usage error, unreachable target or malformed trace (one line on stderr)."""
 
 
 def _rates(text: str) -> list[float]:
@@ -73,8 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seeds prompts, lengths and arrivals")
 
     g = p.add_argument_group("arrivals")
-    g.add_argument("--arrival", choices=PROCESSES, default="poisson",
-                   help="poisson | gamma (see --burstiness) | burst (all at once) | closed (--concurrency users)")
+    g.add_argument("--arrival", choices=PROCESSES, default=None,
+                   help="poisson (default) | gamma (see --burstiness) | burst (all at once) | closed "
+                        "(--concurrency users) | trace (the trace's timestamps; the default with --workload trace)")
     g.add_argument("--request-rate", type=_rates, default=[1.0], metavar="R[,R...]",
                    help="requests/s (sessions: session starts/s); a list runs a sweep, one run per rate")
     g.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 = Poisson, <1 burstier")
@@ -125,13 +130,13 @@ def _plan(a: argparse.Namespace) -> tuple[Any, Arrival, list[float] | None, Any,
     workload = _workload(a)
     rates = a.request_rate
     finite = all(math.isfinite(r) for r in rates)
-    process = a.arrival if finite else "burst"
+    process = a.arrival or ("trace" if a.workload == "trace" else "poisson")
+    if not finite and process in ("poisson", "gamma"):
+        process = "burst"
     if len(rates) > 1 and not finite:
         raise ValueError("a rate sweep takes finite rates only")
     arrival = Arrival(process, rate=rates[0], burstiness=a.burstiness, concurrency=a.concurrency, seed=a.seed)
     sweep = rates if len(rates) > 1 else None
-    if a.workload == "trace" and sweep:
-        raise ValueError("a trace brings its own timestamps: use --trace-time-scale instead of a rate sweep")
     options = dict(num_prompts=None if a.workload == "trace" else 100, connections=a.connections,
                    request_timeout_s=a.request_timeout, max_duration_s=a.max_duration, model=a.model,
                    ignore_eos=a.ignore_eos, temperature=a.temperature, prompt_source=a.prompt_source,

@@ -32,12 +32,14 @@ class FakeGeneration(pb_grpc.GenerationServicer):
         self.requests: list[pb.GenerateRequest] = []
         self.finished = 0                  # streams completed normally
         self.in_flight = self.max_in_flight = 0
+        self.peers: set[str] = set()       # client connections seen
 
     async def ListModels(self, request, context):
         return pb.ListModelsResponse(models=[pb.ModelInfo(
             id="fake", max_model_len=self.max_model_len, vocab_size=self.vocab_size, numerics="none")])
 
     async def Generate(self, request, context):
+        self.peers.add(context.peer())
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:

@@ -92,8 +92,8 @@ class RequestResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         del d["reply_ids"]
-        d.update(ttft_s=self.ttft_s, tpot_s=self.tpot_s, e2e_s=self.e2e_s,
-                 itl_s=self.itl_s, output_tokens=self.output_tokens)
+        d["chunk_times_s"] = [round(t, 6) for t in self.chunk_times_s]  # µs: enough, and 3x smaller
+        d.update(ttft_s=self.ttft_s, tpot_s=self.tpot_s, e2e_s=self.e2e_s, output_tokens=self.output_tokens)
         return d
 
     @classmethod

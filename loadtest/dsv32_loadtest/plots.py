@@ -20,7 +20,7 @@ Series = Sequence[tuple[str, dict[str, Any]]]  # (legend name, run)
 def _values_ms(run: dict[str, Any], key: str) -> np.ndarray:
     ok = [r for r in run["requests"] if r["status"] == "OK"]
     if key == "itl_s":
-        vals = [x for r in ok for x in r["itl_s"]]
+        vals = [b - a for r in ok for a, b in zip(r["chunk_times_s"], r["chunk_times_s"][1:])]
     else:
         vals = [r[key] for r in ok if r[key] is not None]
     return np.sort(np.asarray(vals, dtype=np.float64)) * 1000.0

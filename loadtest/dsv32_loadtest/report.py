@@ -12,6 +12,10 @@ fresh run go through one code path. Schema (``schema_version`` 1)::
              summary: {...}, summary_by_kind: {kind: {...}},
              requests: [RequestResult.to_dict(), ...]}]}
 
+A request holds its raw timings (``start_s``, ``chunk_times_s`` from its
+start, one per token-bearing chunk, with ``chunk_tokens``; ``end_s``) and the
+derived ``ttft_s``, ``tpot_s``, ``e2e_s``; ITL is ``diff(chunk_times_s)``.
+
 Non-finite numbers are written as the strings "inf" / "-inf" and ``null`` (NaN)
 so that the file is strict JSON.
 """
@@ -76,7 +80,17 @@ def report_dict(report: LoadReport, command: str = "", argv: list[str] | None = 
 
 
 def write_json(doc: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    """Indented, except that each request is one line (a run may hold 100 000 of them)."""
+    marks = {}
+    runs = []
+    for i, run in enumerate(doc["runs"]):
+        marks[f"@@requests-{i}@@"] = run["requests"]
+        runs.append({**run, "requests": f"@@requests-{i}@@"})
+    text = json.dumps({**doc, "runs": runs}, indent=1, allow_nan=False)
+    for mark, reqs in marks.items():
+        body = ",\n".join(json.dumps(r, allow_nan=False, separators=(",", ":")) for r in reqs)
+        text = text.replace(json.dumps(mark), f"[\n{body}\n   ]" if reqs else "[]", 1)
+    path.write_text(text + "\n", encoding="utf-8")
 
 
 def load_json(path: str | Path) -> dict[str, Any]:
@@ -101,7 +115,8 @@ def write_csv(doc: dict[str, Any], path: Path) -> None:
         w.writeheader()
         for run in doc["runs"]:
             for r in run["requests"]:
-                itl = r["itl_s"]
+                t = r["chunk_times_s"]
+                itl = [b - a for a, b in zip(t, t[1:])]
                 w.writerow({**r, "run": run["label"], "ttft_ms": _ms(r["ttft_s"]), "tpot_ms": _ms(r["tpot_s"]),
                             "e2e_ms": _ms(r["e2e_s"]),
                             "itl_mean_ms": _ms(sum(itl) / len(itl)) if itl else "",

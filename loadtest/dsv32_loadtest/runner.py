@@ -151,8 +151,10 @@ class _Run:
 
     async def execute(self) -> RunResult:
         self.t0 = time.perf_counter()
-        traced = all(c.arrival_s is not None for c in self.convs)
-        offsets = [c.arrival_s for c in self.convs] if traced else self.arrival.schedule(len(self.convs))
+        if self.arrival.process == "trace":
+            offsets = [c.arrival_s for c in self.convs]
+        else:
+            offsets = self.arrival.schedule(len(self.convs))
         first = 0
         for conv, offset in zip(self.convs, offsets):
             await self._sleep(self.t0 + offset - time.perf_counter())
@@ -232,6 +234,8 @@ async def arun_load(target: str, workload: Workload, arrival: Arrival = Arrival(
         vocab = next((m["vocab_size"] for m in models if m["vocab_size"]), None)
         tokens = TokenSource(opts.seed, vocab, opts.prompt_source)
         convs = workload.build(opts.num_prompts, tokens)
+        if arrival.process == "trace" and any(c.arrival_s is None for c in convs):
+            raise ValueError("trace arrivals need a trace workload (timestamps)")
         report = LoadReport(target, workload.describe(), opts, slo, models,
                             warnings=_length_warnings(convs, models))
         for arr in arrivals:
