@@ -35,3 +35,11 @@ def redis_url(redis_server) -> str:
     client.flushdb()
     client.close()
     return url
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    """The tiny random checkpoint (``make-checkpoint --preset tiny``), made once per session."""
+    from checkpoints import tiny_checkpoint
+
+    return tiny_checkpoint()
