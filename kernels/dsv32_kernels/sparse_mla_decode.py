@@ -165,7 +165,7 @@ def launch_sparse_mla(q: torch.Tensor, latent_pool: torch.Tensor, indices: torch
         return o, lse
     on_gpu = q.is_cuda
     # CPU (interpreter) tiles are the smallest tl.dot accepts; GPU tiles follow FlashMLA (64 heads x 64 slots)
-    block_h = min(GPU_BLOCK_H, max(16, next_pow2(H))) if on_gpu else max(16, next_pow2(H))
+    block_h = min(GPU_BLOCK_H, max(16, next_pow2(H))) if on_gpu else 16
     block_n = GPU_BLOCK_N if on_gpu else 16
     head_blocks = triton.cdiv(H, block_h)
     n_blocks = max(1, triton.cdiv(topk, block_n))

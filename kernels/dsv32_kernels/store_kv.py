@@ -117,6 +117,8 @@ def naive_store_kv(latent_pool: torch.Tensor, index_pool: torch.Tensor, c: torch
                    index_k: torch.Tensor, slot_mapping: torch.Tensor, layout: CacheLayout) -> None:
     """Torch twin of :func:`store_kv` (same arguments, same bytes)."""
     keep = slot_mapping >= 0
+    if not bool(keep.any()):  # (also: fp8.pack_latent cannot view an empty scale tensor as bytes)
+        return
     slots = slot_mapping[keep].long()
     page, off = slots // layout.page_size, slots % layout.page_size
     c, k_pe, index_k = c[keep], k_pe[keep], index_k[keep]
