@@ -49,6 +49,7 @@ def test_every_request_accounted_and_consistent():
     assert (s["planned"], s["completed"], s["failed"], s["not_sent"]) == (30, 30, 0, 0)
     assert s["good_requests"] == 30 and s["output_len_mismatches"] == 0
     assert s["server_token_count_mismatches"] == 0
+    assert s["send_lag_ms"]["count"] == 30 and s["send_lag_ms"]["min"] >= 0
     assert sorted(r.index for r in run.results) == list(range(30))
     assert report.models[0]["id"] == "fake"
     sent = {r.request_id: r for r in servicer.requests}

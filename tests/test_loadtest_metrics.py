@@ -115,3 +115,11 @@ def test_result_round_trips_through_dict():
     assert d["output_tokens"] == 5 and "reply_ids" not in d
     back = RequestResult.from_dict(d)
     assert back.tpot_s == pytest.approx(A.tpot_s) and back.itl_s == pytest.approx(A.itl_s)
+
+
+def test_send_lag_against_the_schedule():
+    late = _ok(0, 1, [0.1], [1], 0.1)
+    late.scheduled_s, late.start_s = 1.0, 1.004
+    closed = _ok(1, 1, [0.1], [1], 0.1)                   # closed loop: no schedule
+    s = summarize([late, closed], duration_s=2.0)
+    assert s["send_lag_ms"]["count"] == 1 and s["send_lag_ms"]["max"] == pytest.approx(4.0)

@@ -197,6 +197,10 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: Slo | No
         "tpot_ms": describe([r.tpot_s for r in done if r.tpot_s is not None]),
         "itl_ms": describe([x for r in done for x in r.itl_s]),
         "e2e_ms": describe([r.e2e_s for r in done]),
+        # How late requests left against their arrival schedule: the harness's own
+        # saturation (or the in-flight cap) shows here, not in the server's numbers.
+        "send_lag_ms": describe([r.start_s - r.scheduled_s for r in results
+                                 if r.scheduled_s is not None and r.start_s is not None]),
     }
     if slo is not None and not slo.empty:
         good = sum(slo.met_by(r) for r in done)

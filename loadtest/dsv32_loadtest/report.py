@@ -159,6 +159,10 @@ def format_summary(run: dict[str, Any]) -> str:
         short = key.split("_")[0].upper()
         for stat in ("mean", "median", "p90", "p99"):
             row(f"{stat.capitalize() if stat[0] == 'm' else stat.upper()} {short} (ms):", s[key][stat])
+    lag = s.get("send_lag_ms", {})
+    if lag.get("count"):
+        lines.append(f"{'Schedule':-^60}")
+        row("P99 send lag vs schedule (ms):", lag["p99"])
     if run.get("aborted"):
         lines.append(f"Stopped early: {run['aborted']}")
     lines.append("=" * 60)

@@ -62,7 +62,11 @@ class TokenSource:
         ids: list[int] = []
         while len(ids) < n:
             words = rng.choice(_WORDS, size=max(16, n - len(ids)))
-            ids += [i for i in self._encode(" " + " ".join(words)) if i < self.vocab_limit]
+            fresh = [i for i in self._encode(" " + " ".join(words)) if i < self.vocab_limit]
+            if len(fresh) < 4:  # a toy vocabulary holds almost none of the words' tokens
+                raise ValueError(f"--prompt-source text: a {self.vocab_limit}-token vocabulary is too "
+                                 "small for tokenized words; use --prompt-source ids")
+            ids += fresh
         return ids[:n]
 
     def block(self, hash_id: int, n: int) -> list[int]:
