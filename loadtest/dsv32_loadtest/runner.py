@@ -47,7 +47,7 @@ class LoadOptions:
     """Everything about a load besides the workload, the arrivals and the SLO."""
 
     num_prompts: int | None = 100
-    """Requests in all (``None``: a whole trace); at most ``MAX_REQUESTS``."""
+    """Requests in all (``None``: a whole trace, up to ``MAX_REQUESTS`` lines); at most ``MAX_REQUESTS``."""
     connections: int = 4
     request_timeout_s: float = 300.0
     max_duration_s: float = 600.0
@@ -233,7 +233,7 @@ async def arun_load(target: str, workload: Workload, arrival: Arrival = Arrival(
         models = await client.probe(opts.probe_timeout_s, opts.wait_for_server_s)
         vocab = next((m["vocab_size"] for m in models if m["vocab_size"]), None)
         tokens = TokenSource(opts.seed, vocab, opts.prompt_source)
-        convs = workload.build(opts.num_prompts, tokens)
+        convs = workload.build(opts.num_prompts or MAX_REQUESTS, tokens)  # None: a whole trace, bounded
         if arrival.process == "trace" and any(c.arrival_s is None for c in convs):
             raise ValueError("trace arrivals need a trace workload (timestamps)")
         report = LoadReport(target, workload.describe(), opts, slo, models,
