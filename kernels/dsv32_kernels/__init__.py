@@ -2,7 +2,7 @@
 
 Every op is ``_op_kernel`` (Triton) + ``op()`` (checks, allocates, dispatches)
 + ``naive_op()`` (vectorised torch: the reference and the CPU path). ``op()``
-runs Triton on CUDA tensors and the twin elsewhere; :mod:`.backend` forces one
+runs Triton on CUDA tensors and the twin elsewhere; :mod:`.dispatch` forces one
 or the other (``DSV32_KERNELS=auto|triton|torch``, :func:`set_backend`,
 :func:`backend`). Forcing Triton on CPU runs Triton's interpreter, which needs
 ``TRITON_INTERPRET=1`` before ``triton`` is first imported; importing this
@@ -12,7 +12,7 @@ package sets it on a machine without CUDA (see :mod:`._triton`).
 from __future__ import annotations
 
 from ._triton import HAVE_TRITON, interpreter_active
-from .backend import BACKENDS, backend, get_backend, set_backend, use_triton
+from .dispatch import BACKENDS, backend, get_backend, set_backend, use_triton
 from .fp8_gemm import fp8_gemm, naive_fp8_gemm
 from .indexer_logits import (indexer_logits_decode, indexer_logits_prefill, naive_indexer_logits_decode,
                              naive_indexer_logits_prefill)

@@ -15,7 +15,7 @@ import torch
 from dsv32_engine import fp8
 
 from ._triton import pow2_scale_bits, quant_e4m3, round_to_bf16, tl, triton
-from .backend import use_triton
+from .dispatch import use_triton
 from .checks import expect, same_device
 
 BLOCK_K = 128  # = the quantisation block: one activation scale and one weight scale per K step

@@ -23,7 +23,7 @@ from dsv32_engine import fp8
 from dsv32_engine.layout import CacheLayout
 
 from ._triton import next_pow2, tl, triton
-from .backend import use_triton
+from .dispatch import use_triton
 from .checks import check_index_pool, check_pow2, expect, same_device
 
 _CHUNK_ELEMS = 1 << 25  # bound on the [.., H, chunk] score tensor of the torch twins
@@ -169,6 +169,7 @@ def indexer_logits_decode(q: torch.Tensor, weights: torch.Tensor, index_pool: to
                                            max_ctx=max_ctx)
     check_pow2("index_head_dim", D)
     out = torch.empty(B, n, max_ctx, dtype=torch.float32, device=device)
+    context_lens = context_lens.contiguous()  # read with unit stride
     fp8_mode = layout.mode == "fp8"
     key_dtype = torch.float8_e4m3fn if fp8_mode else index_pool.dtype
     block_n = next_pow2(n)
@@ -249,6 +250,7 @@ def indexer_logits_prefill(q: torch.Tensor, weights: torch.Tensor, k: torch.Tens
     out = torch.empty(T, S, dtype=torch.float32, device=device)
     if T == 0 or S == 0:
         return out.fill_(float("-inf"))
+    ks, ke = ks.contiguous(), ke.contiguous()  # read with unit stride
     block_h = next_pow2(H)
     block_t = max(1, min(128 // block_h, 16)) if q.is_cuda else max(1, 16 // block_h)
     block_h = max(block_h, 16 // block_t)

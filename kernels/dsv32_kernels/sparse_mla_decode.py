@@ -24,7 +24,7 @@ from dsv32_engine import fp8
 from dsv32_engine.layout import FP8_TILE, CacheLayout
 
 from ._triton import next_pow2, tl, triton
-from .backend import use_triton
+from .dispatch import use_triton
 from .checks import check_latent_pool, check_pow2, expect, same_device
 
 LOG2E = 1.4426950408889634

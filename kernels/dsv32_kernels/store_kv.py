@@ -19,7 +19,7 @@ from dsv32_engine import fp8
 from dsv32_engine.layout import FP8_TILE, CacheLayout
 
 from ._triton import pow2_scale_bits, quant_e4m3, round_to_bf16, tl, triton
-from .backend import use_triton
+from .dispatch import use_triton
 from .checks import check_pools, expect
 
 BLOCK_T = 16  # tokens per program (tl.dot needs >= 16 rows)
@@ -100,6 +100,7 @@ def store_kv(latent_pool: torch.Tensor, index_pool: torch.Tensor, c: torch.Tenso
         naive_store_kv(latent_pool, index_pool, c, k_pe, index_k, slot_mapping, layout)
         return
     fp8_mode = layout.mode == "fp8"
+    slot_mapping = slot_mapping.contiguous()  # the kernel reads it with unit stride
     had = fp8.hadamard_matrix(layout.index_head_dim, c.device) if fp8_mode else c.new_zeros(1, dtype=torch.float32)
     _store_kv_kernel[(triton.cdiv(T, BLOCK_T),)](
         c, k_pe, index_k, slot_mapping, had, latent_pool, index_pool, T,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import next_pow2, tl, triton
-from .backend import use_triton
+from .dispatch import use_triton
 from .checks import expect
 
 
@@ -90,6 +90,8 @@ def topk_indices(logits: torch.Tensor, k: int, block_tables: torch.Tensor | None
         return logical, physical
     n_per_req = R // block_tables.shape[0] if block_tables is not None and block_tables.shape[0] else 1
     dummy = idx
+    row_req = row_req.contiguous() if row_req is not None else None  # read with unit stride
+    col_offset = col_offset.contiguous() if col_offset is not None else None
     bt = block_tables if block_tables is not None else dummy.view(1, -1)
     block_k = min(1024, next_pow2(k))
     _topk_indices_kernel[(R, triton.cdiv(k, block_k))](
