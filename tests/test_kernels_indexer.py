@@ -58,6 +58,9 @@ def _decode_inputs(case: str, mode: str, device: str, seed: int = 0):
     H = 64 if big else 4
     layout = _layout(mode)
     cache = kt.build_cache(layout, lens, seed=seed, device=device)
+    if extra.get("strided"):  # strided context lengths and block tables too
+        cache.context_lens = torch.stack([cache.context_lens] * 2, 1)[:, 0]
+        cache.block_tables = torch.stack([cache.block_tables] * 2, 2)[..., 0]
     g = torch.Generator().manual_seed(seed + 1)
     B = len(lens)
     q = torch.randn(B, n, H, layout.index_head_dim, generator=g)

@@ -58,6 +58,8 @@ def _setup(case: str, layout: CacheLayout, device: str, big: bool, seed: int = 0
             x = torch.randn(n, 2 * T, generator=g).to(torch.bfloat16).t()[::2]
         return x.to(device)
     c, k_pe, index_k = val(layout.kv_lora_rank, 3.0), val(layout.qk_rope_head_dim), val(layout.index_head_dim)
+    if case == "non-contiguous-inputs":
+        slots = torch.stack([slots, slots], dim=1)[:, 0]  # stride 2
     pad = 1 if case == "padded-page-stride" else 0
     shape = list(layout.latent_pool_shape(pages))
     shape[1] += pad
