@@ -118,6 +118,7 @@ def e2e(tiny_model, tmp_path_factory):
     err = open(log_dir / "up.stderr", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "dsv32_engine.cli", "up", "--model", tiny_model, "--prefill", "2",
                              "--decode", "2", "--port", "0", "--enable-fault-injection", "--log-dir", str(log_dir),
+                             "--prefill-arg=--max-num-batched-tokens=128",
                              "--grace", "5"], stdout=subprocess.PIPE, stderr=err, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines: list[str] = []

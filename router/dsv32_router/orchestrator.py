@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import grpc
@@ -153,8 +154,9 @@ class Orchestrator:
                 raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {req.request_id!r} was used before")
             telemetry.INFLIGHT.labels("router").inc()
             try:
-                async for out in RequestRun(self, req, context).stream():
-                    yield out
+                async with aclosing(RequestRun(self, req, context).stream()) as stream:
+                    async for out in stream:
+                        yield out
             finally:
                 telemetry.INFLIGHT.labels("router").dec()
         finally:
@@ -178,6 +180,28 @@ class Orchestrator:
     def admission_budget(self, context) -> float:
         left = context.time_remaining() if context is not None else None
         return self.limits.admission_timeout_s if left is None else max(0.0, min(left, self.limits.admission_timeout_s))
+
+
+class _Hold:
+    """Load one attempt puts on workers in the router's own books, released exactly once."""
+
+    def __init__(self, policy: PairPolicy):
+        self.policy = policy
+        self.items: dict[str, tuple[str, dict]] = {}
+
+    def add(self, key: str, worker_id: str, **amounts: int) -> None:
+        self.release(key)
+        self.policy.add(worker_id, **amounts)
+        self.items[key] = (worker_id, amounts)
+
+    def release(self, key: str) -> None:
+        item = self.items.pop(key, None)
+        if item is not None:
+            self.policy.remove(item[0], **item[1])
+
+    def release_all(self) -> None:
+        for key in list(self.items):
+            self.release(key)
 
 
 def _deadline_passed(context) -> bool:
@@ -213,8 +237,9 @@ class RequestRun:
         try:
             for attempt in range(1, self.limits.max_attempts + 1):
                 try:
-                    async for out in self._attempt():
-                        yield out
+                    async with aclosing(self._attempt()) as tokens:
+                        async for out in tokens:
+                            yield out
                     await self._finished()
                     return
                 except WorkerFailed as e:
@@ -232,7 +257,7 @@ class RequestRun:
             state = "cancelled" if e.code == grpc.StatusCode.DEADLINE_EXCEEDED else "failed"
             await self.orch.record(rid, state, error=e.message, completion_tokens=len(self.generated))
             raise
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: closed by the handler mid-stream
             why = "deadline exceeded" if _deadline_passed(self.context) else "client cancelled"
             self.orch.background(self.orch.record(rid, "cancelled", error=why, completion_tokens=len(self.generated)))
             raise
@@ -261,32 +286,34 @@ class RequestRun:
         prompt = self.req.prompt_ids + self.generated
         sampling = self.req.sampling.remaining(len(self.generated))
         tracer = telemetry.tracer()
+        hold = _Hold(self.orch.policy)
         with tracer.start_as_current_span("admit"):
-            d, p, reservation = await self._reserve(len(prompt), sampling.max_tokens)
-        self.orch.policy.add(d.worker_id, requests=1)
+            d, p, reservation = await self._reserve(len(prompt), sampling.max_tokens, hold)
         decode_started = False
         try:
             self.prefill_worker, self.decode_worker = p.worker_id, d.worker_id
             await self.orch.record(self.req.request_id, "prefilling", prefill_worker=p.worker_id,
                                    decode_worker=d.worker_id)
             with tracer.start_as_current_span("prefill"):
-                pre = await self._prefill(p, d, reservation, prompt, sampling)
+                pre = await self._prefill(p, reservation, prompt, sampling, hold)
             await self.orch.record(self.req.request_id, "transferring", sent_bytes=pre.sent_bytes)
             decode_started = True
             with tracer.start_as_current_span("decode"):
-                async for out in self._decode(d, reservation, prompt, sampling, pre):
-                    yield out
+                async with aclosing(self._decode(d, reservation, prompt, sampling, pre)) as decode:
+                    async for out in decode:
+                        yield out
         except BaseException:
             if not decode_started:
                 # The Decode stream never took the reservation over: free it.
                 self.orch.background(self._cancel_on(d, "aborted before decode"))
             raise
         finally:
-            self.orch.policy.remove(d.worker_id, requests=1)
+            hold.release_all()
             self.orch.released.set()
             self.orch.released = asyncio.Event()
 
-    async def _reserve(self, num_prompt: int, max_tokens: int) -> tuple[WorkerInfo, WorkerInfo, worker_pb2.ReserveResponse]:
+    async def _reserve(self, num_prompt: int, max_tokens: int, hold: _Hold
+                       ) -> tuple[WorkerInfo, WorkerInfo, worker_pb2.ReserveResponse]:
         orch, policy = self.orch, self.orch.policy
         affinity = None
         if self.req.session_id:
@@ -316,19 +343,25 @@ class RequestRun:
                 await self._wait_for_change(min(left, 0.5))
                 full.clear()
                 continue
-            policy.add(d.worker_id, pages=need_pages)
+            # Counted as this router's load at once, so that a burst of requests
+            # choosing together spreads instead of herding onto one stale report.
+            hold.add("decode", d.worker_id, requests=1)
+            hold.add("decode_pages", d.worker_id, pages=need_pages)
+            hold.add("prefill", p.worker_id, tokens=num_prompt)
             try:
                 res = await orch.directory.decode_stub(d).Reserve(worker_pb2.ReserveRequest(
                     request_id=self.req.request_id, num_prompt_tokens=num_prompt, max_tokens=max_tokens,
                     prefill_worker_id=p.worker_id, lease_s=self.limits.reserve_lease_s), timeout=min(self._timeout(), 30))
+                hold.release("decode_pages")  # D's own report counts them from now on
                 return d, p, res
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    full.add(d.worker_id)
-                    continue
-                self._raise_for(e, "decode", d, "reserve")
-            finally:
-                policy.remove(d.worker_id, pages=need_pages)
+            except BaseException as e:
+                hold.release_all()
+                if isinstance(e, grpc.aio.AioRpcError):
+                    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        full.add(d.worker_id)
+                        continue
+                    self._raise_for(e, "decode", d, "reserve")
+                raise
 
     async def _wait_for_change(self, timeout: float) -> None:
         waits = [asyncio.ensure_future(self.orch.directory.changed.wait()),
@@ -349,10 +382,8 @@ class RequestRun:
         raise RequestError(grpc.StatusCode.INTERNAL, f"{role} worker {worker.worker_id} rejected {phase}: "
                            f"{code.name}: {e.details()}") from None
 
-    async def _prefill(self, p: WorkerInfo, d: WorkerInfo, res: worker_pb2.ReserveResponse, prompt: list[int],
-                       sampling: Sampling) -> worker_pb2.PrefillResponse:
-        policy = self.orch.policy
-        policy.add(p.worker_id, tokens=len(prompt))
+    async def _prefill(self, p: WorkerInfo, res: worker_pb2.ReserveResponse, prompt: list[int], sampling: Sampling,
+                       hold: _Hold) -> worker_pb2.PrefillResponse:
         try:
             return await self.orch.directory.prefill_stub(p).Prefill(worker_pb2.PrefillRequest(
                 request_id=self.req.request_id, prompt_ids=prompt, sampling=_sampling_pb(sampling),
@@ -361,7 +392,7 @@ class RequestRun:
         except grpc.aio.AioRpcError as e:
             self._raise_for(e, "prefill", p, "prefill")
         finally:
-            policy.remove(p.worker_id, tokens=len(prompt))
+            hold.release("prefill")
 
     async def _decode(self, d: WorkerInfo, res: worker_pb2.ReserveResponse, prompt: list[int], sampling: Sampling,
                       pre: worker_pb2.PrefillResponse):
