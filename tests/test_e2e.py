@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 from dsv32_proto import worker_pb2, worker_pb2_grpc
-from dsv32_router.client import GenerateError, generate, stream_generate
+from dsv32_router.client import GenerateError, generate, stream_responses
 from dsv32_router.state import ClusterState
 
 pytestmark = pytest.mark.slow
@@ -223,7 +223,7 @@ def test_spread_sessions_and_redis_records(e2e):
 
 def test_cancel_and_deadline_free_the_decode_pages(e2e):
     cluster, _ = e2e
-    it = stream_generate(cluster.target, PROMPTS["pages"], max_tokens=3000, temperature=0.0, ignore_eos=True,
+    it = stream_responses(cluster.target, PROMPTS["pages"], max_tokens=3000, temperature=0.0, ignore_eos=True,
                          request_id="cancel-e2e")
     first = next(it)
     next(it)

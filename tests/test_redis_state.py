@@ -123,3 +123,34 @@ def test_request_ids_are_unique(state):
     assert not state.create_request("u1", router="b")
     rec = state.request("u1")
     assert rec["router"] == "a" and rec["state"] == "prefilling", "an existing record is never clobbered"
+
+
+def test_records_of_a_dead_router_are_reaped(state):
+    state.router_alive("r-live", ttl_s=5)
+    state.router_alive("r-dead", ttl_s=0.2)
+    for rid, router in (("a", "r-live"), ("b", "r-dead"), ("c", "r-dead")):
+        state.create_request(rid, router=router)
+    state.transition("c", "prefilling")
+    state.create_request("d", router="r-dead")
+    state.transition("d", "failed", error="x")
+    assert state.active_requests() == {"a", "b", "c"}, "terminal records leave the active set"
+    assert state.reap_orphans() == []  # r-dead is still alive
+    time.sleep(0.3)
+    assert state.reap_orphans() == ["b", "c"]
+    assert state.request("b")["state"] == "failed" and "r-dead" in state.request("c")["error"]
+    assert state.request("a")["state"] == "queued" and state.active_requests() == {"a"}
+
+
+def test_async_reaper(redis_url, state):
+    async def go():
+        ast = AsyncClusterState.from_url(redis_url, prefix="t:")
+        try:
+            await ast.router_alive("gone", ttl_s=0.1)
+            await ast.create_request("x", router="gone")
+            await asyncio.sleep(0.2)
+            return await ast.reap_orphans()
+        finally:
+            await ast.aclose()
+
+    assert asyncio.run(go()) == ["x"]
+    assert state.request("x")["state"] == "failed"

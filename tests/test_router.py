@@ -23,7 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dsv32_proto import serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
-from dsv32_router.client import GenerateError, generate, list_models, stream_generate
+from dsv32_router.client import GenerateError, generate, list_models, stream_responses
 from dsv32_router.redis_server import free_port
 from dsv32_router.state import ClusterState, WorkerInfo
 
@@ -256,7 +256,7 @@ def test_stop_string_cuts_text_and_frees_the_decode_worker(env):
     text = tok.decode(full)
     stop = text[len(text) // 2: len(text) // 2 + 3]
     cut = text.find(stop)
-    msgs = list(stream_generate(target, [1, 2, 3, 4], max_tokens=40, seed=11, stop=[stop], request_id="stop-1"))
+    msgs = list(stream_responses(target, [1, 2, 3, 4], max_tokens=40, seed=11, stop=[stop], request_id="stop-1"))
     got = "".join(m.text for m in msgs)
     assert got == text[:cut] and msgs[-1].finish_reason == "stop"
     assert cluster.state.request("stop-1")["state"] == "finished"
@@ -307,7 +307,7 @@ def test_prefill_failure_frees_the_reservation_and_retries(env):
 def test_client_cancel_mid_stream_frees_decode_and_records_cancelled(env):
     cluster, target, _, _ = env
     cluster.decode_faults.append(("slow", 0.05))
-    it = stream_generate(target, [1] * 5, max_tokens=200, seed=1, request_id="cancel-1")
+    it = stream_responses(target, [1] * 5, max_tokens=200, seed=1, request_id="cancel-1")
     next(it)
     next(it)
     it.close()  # cancels the call
@@ -461,8 +461,14 @@ def test_health_reflection_and_models(env):
 
 def test_no_workers_is_unavailable(router_env, tmp_path):
     _, _, model_dir, url = router_env
+    orphans = ClusterState.from_url(url, "empty:")
+    orphans.create_request("orphan-1", router="router-that-died")  # no liveness key: its router is gone
     proc, target = start_router(model_dir, url, "empty:")
     try:
+        deadline = time.monotonic() + 5
+        while orphans.request("orphan-1")["state"] != "failed" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert orphans.request("orphan-1")["state"] == "failed", "a new router reaps records of dead routers"
         with grpc.insecure_channel(target) as ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
         assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING

@@ -1,12 +1,13 @@
 """A small synchronous client of the public API (used by ``dsv32-serve generate --target``).
 
-    for msg in stream_generate("127.0.0.1:50051", "Hello", max_tokens=32, temperature=0):
-        print(msg.text, end="", flush=True)
+    for delta in stream_generate("127.0.0.1:50051", "Hello", max_tokens=32, temperature=0):
+        print(delta, end="", flush=True)
 
-``stream_generate`` yields the ``dsv32.serving.v1.GenerateResponse`` messages
-as they arrive (``.text`` delta, ``.token_ids``, ``.logprobs``; the last one
-has ``.finish_reason`` and ``.usage``). Errors raise :class:`GenerateError`
-with the gRPC status name and the server's message.
+``stream_generate`` yields the text deltas; ``stream_responses`` yields the
+``dsv32.serving.v1.GenerateResponse`` messages themselves (``.text``,
+``.token_ids``, ``.logprobs``; the last one has ``.finish_reason`` and
+``.usage``); ``generate`` collects a whole answer. Errors raise
+:class:`GenerateError` with the gRPC status and the server's message.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ def build_request(prompt: str | Sequence[int] | None = None, *, messages: Sequen
     return req
 
 
-def stream_generate(target: str, prompt: str | Sequence[int] | None = None, *, timeout: float | None = None,
-                    channel: grpc.Channel | None = None, **params) -> Iterator[serving_pb2.GenerateResponse]:
-    """Stream one generation from the router at ``target`` (``HOST:PORT``).
+def stream_responses(target: str, prompt: str | Sequence[int] | None = None, *, timeout: float | None = None,
+                     channel: grpc.Channel | None = None, **params) -> Iterator[serving_pb2.GenerateResponse]:
+    """Stream one generation's messages from the router at ``target`` (``HOST:PORT``).
 
     ``params``: the sampling fields of ``SamplingParams`` (``temperature``,
     ``max_tokens``, ``stop``...), plus ``session_id``, ``request_id``,
@@ -74,6 +75,13 @@ def stream_generate(target: str, prompt: str | Sequence[int] | None = None, *, t
             ch.close()
 
 
+def stream_generate(target: str, prompt: str | Sequence[int] | None = None, **params) -> Iterator[str]:
+    """Stream one generation's text deltas (same arguments as :func:`stream_responses`)."""
+    for msg in stream_responses(target, prompt, **params):
+        if msg.text:
+            yield msg.text
+
+
 @dataclass
 class Completion:
     text: str = ""
@@ -87,9 +95,9 @@ class Completion:
 
 
 def generate(target: str, prompt: str | Sequence[int] | None = None, **params) -> Completion:
-    """Collect a whole generation (same arguments as :func:`stream_generate`)."""
+    """Collect a whole generation (same arguments as :func:`stream_responses`)."""
     out = Completion()
-    for msg in stream_generate(target, prompt, **params):
+    for msg in stream_responses(target, prompt, **params):
         out.messages += 1
         out.text += msg.text
         out.token_ids += msg.token_ids

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 
@@ -12,6 +13,7 @@ from dsv32_proto import worker_pb2_grpc
 from dsv32_router.state import AsyncClusterState, WorkerInfo
 
 log = logging.getLogger(__name__)
+CHANNEL_IDLE_CLOSE_S = 30.0
 
 # Worker channels carry token streams; keep them alive across idle periods.
 _CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
@@ -24,6 +26,7 @@ class WorkerDirectory:
         self.refresh_s = refresh_s
         self.snapshot: list[WorkerInfo] = []
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._last_seen: dict[str, float] = {}
         self._interceptors = interceptors
         self._task: asyncio.Task | None = None
         self.changed = asyncio.Event()
@@ -42,8 +45,13 @@ class WorkerDirectory:
 
     async def refresh(self) -> list[WorkerInfo]:
         self.snapshot = await self.state.workers()
-        live = {w.endpoint for w in self.snapshot}
-        for endpoint in [e for e in self._channels if e not in live]:
+        now = time.monotonic()
+        for w in self.snapshot:
+            self._last_seen[w.endpoint] = now
+        # A worker that misses a heartbeat or two keeps its channel (calls in flight
+        # on it go on); only endpoints gone for a while are closed.
+        for endpoint in [e for e in self._channels if now - self._last_seen.get(e, 0) > CHANNEL_IDLE_CLOSE_S]:
+            self._last_seen.pop(endpoint, None)
             await self._channels.pop(endpoint).close(grace=None)
         self.changed.set()
         self.changed = asyncio.Event()

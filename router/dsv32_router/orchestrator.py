@@ -296,7 +296,9 @@ class RequestRun:
                                    decode_worker=d.worker_id)
             with tracer.start_as_current_span("prefill"):
                 pre = await self._prefill(p, reservation, prompt, sampling, hold)
-            await self.orch.record(self.req.request_id, "transferring", sent_bytes=pre.sent_bytes)
+            await self.orch.record(self.req.request_id, "transferring", sent_bytes=pre.sent_bytes,
+                                   prefill_queue_s=round(pre.queue_s, 6), prefill_compute_s=round(pre.compute_s, 6),
+                                   transfer_wait_s=round(pre.transfer_wait_s, 6), prefill_batch=pre.batch_size)
             decode_started = True
             with tracer.start_as_current_span("decode"):
                 async with aclosing(self._decode(d, reservation, prompt, sampling, pre)) as decode:
@@ -329,7 +331,7 @@ class RequestRun:
             try:
                 d = policy.choose_decode(snapshot, num_prompt + max_tokens, affinity=affinity,
                                          avoid=frozenset(self.avoid))
-                p = policy.choose_prefill(snapshot, avoid=frozenset(self.avoid))
+                p = policy.choose_prefill(snapshot, num_prompt, avoid=frozenset(self.avoid))
             except NeverFits as e:
                 raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
             except (NoCapacity, NoWorkers) as e:

@@ -15,7 +15,8 @@ Decode worker D, in order:
 3. otherwise the fewest running + pending requests, then the most free pages,
    then rotation (so that equal workers take turns).
 
-Prefill worker P: preferably one that has not failed this request, fewest queued tokens (reported + pending from
+Prefill worker P: a pool large enough for the prompt, preferably one that has
+not failed this request, fewest queued tokens (reported + pending from
 this router), then rotation.
 """
 
@@ -89,10 +90,16 @@ class PairPolicy:
         return min(fits, key=lambda w: (w.running + self._pending(w.worker_id).requests,
                                         -(w.free_pages - self._pending(w.worker_id).pages), order[w.worker_id]))
 
-    def choose_prefill(self, workers: list[WorkerInfo], *, avoid: frozenset[str] = frozenset()) -> WorkerInfo:
+    def choose_prefill(self, workers: list[WorkerInfo], prompt_tokens: int = 0, *,
+                       avoid: frozenset[str] = frozenset()) -> WorkerInfo:
         prefill = [w for w in workers if w.role == "prefill"]
         if not prefill:
             raise NoWorkers("no prefill worker is registered")
+        need = self.pages_for(prompt_tokens)
+        # a worker that reports no pool size (0) is not filtered out
+        prefill = [w for w in prefill if not w.total_pages or w.total_pages >= need]
+        if not prefill:
+            raise NeverFits(f"the prompt needs {need} cache pages; no prefill pool is that large")
         fits = [w for w in prefill if w.worker_id not in avoid] or prefill
         order = self._rotation(fits, "prefill")
         return min(fits, key=lambda w: (w.queued_tokens + self._pending(w.worker_id).tokens, order[w.worker_id]))

@@ -107,6 +107,7 @@ class Router:
         state = AsyncClusterState.from_url(args.redis_url, args.redis_prefix)
         directory = WorkerDirectory(state, interceptors=telemetry.grpc_client_interceptors(True, self.tracing))
         await directory.start()
+        await state.router_alive(self.router_id)  # before any request of ours can be reaped
         orch = Orchestrator(self.spec, self.tokenizer, state, directory, self.limits, self.router_id)
         server = grpc.aio.server(interceptors=telemetry.grpc_server_interceptors(True, self.tracing),
                                  options=[("grpc.so_reuseport", 0)])
@@ -126,6 +127,7 @@ class Router:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         health_task = asyncio.create_task(self._health_loop(directory, health_servicer))
+        liveness_task = asyncio.create_task(self._liveness_loop(state))
         if args.ready_file:
             tmp = f"{args.ready_file}.tmp"
             with open(tmp, "w") as f:
@@ -136,9 +138,25 @@ class Router:
         log.info("router shutting down")
         await health_servicer.enter_graceful_shutdown()
         health_task.cancel()
+        liveness_task.cancel()
         await server.stop(grace=2.0)
         await directory.close()
         await state.aclose()
+
+    async def _liveness_loop(self, state: AsyncClusterState, beat_s: float = 2.0, reap_every: int = 5) -> None:
+        """Beat this router's liveness key; now and then fail the records of dead routers."""
+        n = 0
+        while True:
+            try:
+                await state.router_alive(self.router_id)
+                if n % reap_every == 0:
+                    reaped = await state.reap_orphans()
+                    if reaped:
+                        log.warning("failed %d request records of routers that went away", len(reaped))
+            except Exception as e:
+                log.warning("router liveness/reaper: %s", e)
+            n += 1
+            await asyncio.sleep(beat_s)
 
     async def _health_loop(self, directory: WorkerDirectory, hs) -> None:
         last = None

@@ -31,6 +31,9 @@ key                                type    contents
                                            (default 1 day).
 ``{prefix}requests``               ZSET    member: request id; score: creation time. Index
                                            of recent records (trimmed to the newest 100 000).
+``{prefix}requests:active``        SET     request ids whose record is not terminal yet.
+``{prefix}router:{router_id}``     STRING  a router's liveness (Unix time of its last beat);
+                                           PX = router TTL (default 10 s).
 ``{prefix}session:{session_id}``   HASH    ``decode_worker`` (affinity), ``turns``,
                                            ``prompt_tokens``, ``completion_tokens`` (totals),
                                            ``last_request_id``, ``created_at``,
@@ -55,6 +58,11 @@ Request state machine
 * ``finished`` / ``failed`` / ``cancelled`` are terminal (cancelled covers
   client cancellation and deadline expiry).
 
+Records outlive their router only as ``failed``: every router beats its
+liveness key and periodically reaps the active records of routers whose key
+has expired (``error`` = "router ... went away"), so a router crash never
+leaves a request open silently.
+
 A worker failure or a checksum mismatch sends the record from any in-progress
 state back to ``queued`` with ``attempts`` incremented (the router retries on
 another pair). Transitions are checked atomically in Redis (a Lua script), so
@@ -76,6 +84,7 @@ DEFAULT_PREFIX = "dsv32:"
 DEFAULT_HEARTBEAT_TTL_S = 5.0
 DEFAULT_RECORD_TTL_S = 24 * 3600
 DEFAULT_SESSION_TTL_S = 3600
+DEFAULT_ROUTER_TTL_S = 10.0
 MAX_RECORDS_INDEXED = 100_000
 
 TERMINAL_STATES = ("finished", "failed", "cancelled")
@@ -92,21 +101,23 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "cancelled": _IN_PROGRESS,
 }
 
-# KEYS[1] = record; ARGV = new state, allowed-from (space separated), now, ttl,
-# then field/value pairs. Returns {1, old} on success, {0, old or ""} otherwise.
+# KEYS[1] = record, KEYS[2] = active set; ARGV = new state, allowed-from (space
+# separated), now, ttl, request id, terminal (1/0), then field/value pairs.
+# Returns {1, old} on success, {0, old or ""} otherwise.
 _TRANSITION_LUA = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, ''} end
 if not string.find(' ' .. ARGV[2] .. ' ', ' ' .. cur .. ' ', 1, true) then return {0, cur} end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], ARGV[1] .. '_at', ARGV[3], 'updated_at', ARGV[3])
 if ARGV[1] == 'queued' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+if ARGV[6] == '1' then redis.call('SREM', KEYS[2], ARGV[5]) end
 return {1, cur}
 """
 
 
-# KEYS[1] = record, KEYS[2] = index; ARGV = now, ttl, request id, max indexed, then
+# KEYS[1] = record, KEYS[2] = index, KEYS[3] = active set; ARGV = now, ttl, request id, max indexed, then
 # field/value pairs. Returns 0 if the record exists already (ids are unique), else 1.
 _CREATE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -115,6 +126,7 @@ redis.call('HSET', KEYS[1], 'state', 'queued', 'created_at', ARGV[1], 'queued_at
 for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[3])
 redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[4]) - 1)
 return 1
 """
@@ -171,9 +183,13 @@ class Keys:
         self.prefix = prefix
         self.workers = f"{prefix}workers"
         self.requests = f"{prefix}requests"
+        self.active = f"{prefix}requests:active"
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}worker:{worker_id}"
+
+    def router(self, router_id: str) -> str:
+        return f"{self.prefix}router:{router_id}"
 
     def request(self, request_id: str) -> str:
         return f"{self.prefix}request:{request_id}"
@@ -241,15 +257,25 @@ class _StateBase:
         args = [repr(time.time()), str(self.record_ttl_s), request_id, str(MAX_RECORDS_INDEXED)]
         for k, v in _mapping(extra).items():
             args += [k, v]
-        return {"keys": [self.keys.request(request_id), self.keys.requests], "args": args}
+        return {"keys": [self.keys.request(request_id), self.keys.requests, self.keys.active], "args": args}
 
-    def _transition_args(self, new_state: str, extra: dict[str, Any]) -> list[str]:
+    def _transition_call(self, request_id: str, new_state: str, extra: dict[str, Any]) -> dict[str, list[str]]:
         if new_state not in TRANSITIONS:
             raise ValueError(f"unknown request state {new_state!r}; states: {STATES}")
-        args = [new_state, " ".join(TRANSITIONS[new_state]), repr(time.time()), str(self.record_ttl_s)]
+        args = [new_state, " ".join(TRANSITIONS[new_state]), repr(time.time()), str(self.record_ttl_s), request_id,
+                "1" if new_state in TERMINAL_STATES else "0"]
         for k, v in _mapping(extra).items():
             args += [k, v]
-        return args
+        return {"keys": [self.keys.request(request_id), self.keys.active], "args": args}
+
+    def _router_args(self, router_id: str, ttl_s: float) -> tuple[str, str, int]:
+        return self.keys.router(router_id), repr(time.time()), max(1, int(ttl_s * 1000))
+
+    def _orphans_pipe(self, ids: list[str]):
+        pipe = self.client.pipeline(transaction=False)
+        for rid in ids:
+            pipe.hmget(self.keys.request(rid), "router", "state")
+        return pipe
 
     # -- sessions -------------------------------------------------------------
     def _turn_pipe(self, session_id: str, request_id: str, decode_worker: str, prompt_tokens: int,
@@ -301,14 +327,37 @@ class ClusterState(_StateBase):
 
     def transition(self, request_id: str, new_state: str, **extra: Any) -> str:
         """Move a record to ``new_state``; returns the previous state."""
-        ok, old = self._transition(keys=[self.keys.request(request_id)],
-                                   args=self._transition_args(new_state, extra))
+        ok, old = self._transition(**self._transition_call(request_id, new_state, extra))
         if not ok:
             raise InvalidTransition(request_id, old, new_state)
         return old
 
     def request(self, request_id: str) -> dict[str, str]:
         return self.client.hgetall(self.keys.request(request_id))
+
+    def active_requests(self) -> set[str]:
+        return self.client.smembers(self.keys.active)
+
+    def router_alive(self, router_id: str, ttl_s: float = DEFAULT_ROUTER_TTL_S) -> None:
+        key, now, ttl_ms = self._router_args(router_id, ttl_s)
+        self.client.set(key, now, px=ttl_ms)
+
+    def reap_orphans(self) -> list[str]:
+        """Fail the open records whose router is gone (see the module docstring)."""
+        ids = sorted(self.client.smembers(self.keys.active))
+        rows = self._orphans_pipe(ids).execute()
+        alive = {r for r in {r for r, _ in rows if r} if self.client.exists(self.keys.router(r))}
+        reaped = []
+        for rid, (router, state) in zip(ids, rows):
+            if state is None or state in TERMINAL_STATES:
+                self.client.srem(self.keys.active, rid)
+            elif router not in alive:
+                try:
+                    self.transition(rid, "failed", error=f"router {router} went away")
+                    reaped.append(rid)
+                except InvalidTransition:
+                    pass
+        return reaped
 
     def recent_requests(self, n: int = 100) -> list[str]:
         return self.client.zrange(self.keys.requests, -n, -1)
@@ -353,11 +402,34 @@ class AsyncClusterState(_StateBase):
         return bool(await self._create(**self._create_args(request_id, extra)))
 
     async def transition(self, request_id: str, new_state: str, **extra: Any) -> str:
-        ok, old = await self._transition(keys=[self.keys.request(request_id)],
-                                         args=self._transition_args(new_state, extra))
+        ok, old = await self._transition(**self._transition_call(request_id, new_state, extra))
         if not ok:
             raise InvalidTransition(request_id, old, new_state)
         return old
+
+    async def router_alive(self, router_id: str, ttl_s: float = DEFAULT_ROUTER_TTL_S) -> None:
+        key, now, ttl_ms = self._router_args(router_id, ttl_s)
+        await self.client.set(key, now, px=ttl_ms)
+
+    async def reap_orphans(self) -> list[str]:
+        ids = sorted(await self.client.smembers(self.keys.active))
+        rows = await self._orphans_pipe(ids).execute()
+        routers = sorted({r for r, _ in rows if r})
+        pipe = self.client.pipeline(transaction=False)
+        for r in routers:
+            pipe.exists(self.keys.router(r))
+        alive = {r for r, n in zip(routers, await pipe.execute()) if n}
+        reaped = []
+        for rid, (router, state) in zip(ids, rows):
+            if state is None or state in TERMINAL_STATES:
+                await self.client.srem(self.keys.active, rid)
+            elif router not in alive:
+                try:
+                    await self.transition(rid, "failed", error=f"router {router} went away")
+                    reaped.append(rid)
+                except InvalidTransition:
+                    pass
+        return reaped
 
     async def request(self, request_id: str) -> dict[str, str]:
         return await self.client.hgetall(self.keys.request(request_id))

@@ -1,0 +1,81 @@
+"""The pair-selection policy, as a pure function of the registry snapshot."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsv32_router.policy import NeverFits, NoCapacity, NoWorkers, PairPolicy
+from dsv32_router.state import WorkerInfo
+
+
+def D(wid, free=100, total=100, running=0):
+    return WorkerInfo(wid, "decode", f"{wid}:1", free_pages=free, total_pages=total, running=running)
+
+
+def P(wid, queued=0, total=100):
+    return WorkerInfo(wid, "prefill", f"{wid}:1", queued_tokens=queued, total_pages=total)
+
+
+def test_no_workers_of_a_role():
+    pol = PairPolicy()
+    with pytest.raises(NoWorkers):
+        pol.choose_decode([P("p")], 10)
+    with pytest.raises(NoWorkers):
+        pol.choose_prefill([D("d")], 10)
+
+
+def test_decode_needs_room_for_prompt_plus_max_tokens():
+    pol = PairPolicy(page_size=64)
+    assert pol.choose_decode([D("a", free=1), D("b", free=2)], 65).worker_id == "b"
+    with pytest.raises(NoCapacity) as e:
+        pol.choose_decode([D("a", free=1), D("b", free=1)], 65)
+    assert not isinstance(e.value, NeverFits)
+    with pytest.raises(NeverFits):
+        pol.choose_decode([D("a", free=1, total=2)], 64 * 3)
+
+
+def test_least_loaded_then_most_free_then_rotation():
+    pol = PairPolicy()
+    assert pol.choose_decode([D("a", running=3), D("b", running=1)], 1).worker_id == "b"
+    assert pol.choose_decode([D("a", free=50), D("b", free=90)], 1).worker_id == "b"
+    picks = [pol.choose_decode([D("a"), D("b"), D("c")], 1).worker_id for _ in range(6)]
+    assert sorted(picks) == ["a", "a", "b", "b", "c", "c"], "equal workers take turns"
+
+
+def test_pending_load_spreads_a_burst():
+    pol = PairPolicy()
+    workers = [D("a"), D("b"), P("p"), P("q")]
+    ds, ps = [], []
+    for _ in range(4):  # nothing finishes: the reports stay stale, the router's own books do not
+        d, p = pol.choose_decode(workers, 10), pol.choose_prefill(workers, 10)
+        pol.add(d.worker_id, requests=1, pages=1)
+        pol.add(p.worker_id, tokens=10)
+        ds.append(d.worker_id)
+        ps.append(p.worker_id)
+    assert sorted(ds) == ["a", "a", "b", "b"] and sorted(ps) == ["p", "p", "q", "q"]
+    pol.remove("a", requests=2, pages=2)
+    assert pol.pending["a"].requests == 0
+
+
+def test_session_affinity_unless_full_or_failed():
+    pol = PairPolicy()
+    ws = [D("a"), D("b", running=5)]
+    assert pol.choose_decode(ws, 10, affinity="b").worker_id == "b"
+    assert pol.choose_decode([D("a"), D("b", free=0)], 10, affinity="b").worker_id == "a"
+    assert pol.choose_decode(ws, 10, affinity="b", avoid=frozenset({"b"})).worker_id == "a"
+
+
+def test_failed_workers_are_avoided_but_still_used_as_a_last_resort():
+    pol = PairPolicy()
+    assert pol.choose_decode([D("a"), D("b", running=9)], 1, avoid=frozenset({"a"})).worker_id == "b"
+    assert pol.choose_decode([D("a")], 1, avoid=frozenset({"a"})).worker_id == "a"
+    assert pol.choose_prefill([P("p"), P("q", queued=999)], 1, avoid=frozenset({"p"})).worker_id == "q"
+    assert pol.choose_prefill([P("p")], 1, avoid=frozenset({"p"})).worker_id == "p"
+
+
+def test_prefill_fewest_queued_tokens_and_pool_size():
+    pol = PairPolicy(page_size=64)
+    assert pol.choose_prefill([P("p", queued=500), P("q", queued=100)], 10).worker_id == "q"
+    assert pol.choose_prefill([P("p", total=1), P("q", queued=999, total=10)], 200).worker_id == "q"
+    with pytest.raises(NeverFits):
+        pol.choose_prefill([P("p", total=1)], 200)
