@@ -496,3 +496,36 @@ def test_sync_servicer_protocol_has_every_rpc():
     assert {"Reserve", "Decode", "Cancel"} <= names
     assert "Prefill" in {m.name for m in worker_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].methods}
     assert serving_pb2_grpc.GenerationStub and os.path.exists(serving_pb2.__file__)
+
+
+def test_tracing_and_metrics_when_enabled(router_env):
+    _, _, model_dir, url = router_env
+    import urllib.request
+
+    metrics_port = free_port()
+    proc, target = start_router(model_dir, url, "rt:", "--otel-exporter", "console", "--metrics-port",
+                                str(metrics_port))
+    try:
+        out = generate(target, [1, 2, 3], max_tokens=3, seed=1)
+        assert len(out.token_ids) == 3
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        assert 'dsv32_requests_total{code="OK",role="router"} 1.0' in body
+        assert "dsv32_time_to_first_token_seconds_count 1.0" in body
+    finally:
+        proc.terminate()
+        text, _ = proc.communicate(timeout=20)
+    for span in ('"name": "admit"', '"name": "prefill"', '"name": "decode"',
+                 '"name": "/dsv32.serving.v1.Generation/Generate"', '"name": "/dsv32.worker.v1.PrefillWorker/Prefill"'):
+        assert span in text, f"{span} missing from the exported spans"
+
+
+def test_generate_cli_streams_text_from_a_cluster(env):
+    _, target, model_dir, _ = env
+    from dsv32_engine.tokenizer import load_tokenizer
+
+    out = subprocess.run([sys.executable, "-m", "dsv32_engine.cli", "generate", "--target", target, "Hello",
+                          "--max-tokens", "5", "--temperature", "0", "--seed", "3"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    prompt_len = len(load_tokenizer(model_dir).encode("Hello"))
+    assert out.stdout == load_tokenizer(model_dir).decode(expected_tokens(prompt_len, 5, 3)) + "\n"

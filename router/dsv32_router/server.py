@@ -62,18 +62,19 @@ class GenerationService(serving_pb2_grpc.GenerationServicer):
         self.orch = orch
 
     async def Generate(self, request, context):
-        # A coroutine writing to the stream, not an async generator: when the client
-        # cancels, the CancelledError surfaces here and the request's generator is
-        # closed at once (aclose) instead of whenever the GC finalises it.
+        # An async generator (the OpenTelemetry aio interceptor requires one for
+        # server streaming). A client cancel reaches it either as CancelledError or,
+        # when it was parked at a yield, as GeneratorExit when gRPC drops it; the
+        # request's own generator is closed here either way (see RequestRun.stream).
         code = "OK"
         stream = self.orch.generate(request, context)
         try:
             async for out in stream:
-                await context.write(out)
+                yield out
         except RequestError as e:
             code = e.code.name
             await context.abort(e.code, e.message)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             code = "CANCELLED"
             raise
         finally:
