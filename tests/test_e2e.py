@@ -201,6 +201,10 @@ def test_spread_sessions_and_redis_records(e2e):
     cluster, _ = e2e
     roles = {w.worker_id: w.role for w in cluster.workers()}
     assert sorted(roles.values()) == ["decode", "decode", "prefill", "prefill"]
+    deadline = time.monotonic() + 10  # let earlier tests' load drain from the reports first
+    while any(w.queued_tokens or w.running for w in cluster.workers()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # the router's registry snapshot refreshes every 0.25 s
     ids = [f"spread-{i}" for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(lambda i: generate(cluster.target, PROMPTS["short"][i:] + [7], max_tokens=4,

@@ -46,6 +46,7 @@ class PreallocQueue:
         self._by_id: dict[str, Reservation] = {}
         self._mu = threading.Lock()
         self.committed_pages = 0  # reserved + running requests' commitments
+        self.on_change = lambda: None  # load changed (the heartbeat reports it at once)
 
     def reserve(self, request_id: str, transfer_id: str, num_prompt: int, max_tokens: int, prefill_worker_id: str,
                 lease_s: float) -> Reservation | None:
@@ -65,7 +66,8 @@ class PreallocQueue:
             self.committed_pages += commit
             res = Reservation(request_id, transfer_id, pages, commit, prefill_worker_id, time.monotonic() + lease_s)
             self._by_id[request_id] = res
-            return res
+        self.on_change()
+        return res
 
     def take(self, request_id: str, transfer_id: str) -> Reservation | None:
         """Hand a reservation over to its Decode stream (ends the lease)."""
@@ -87,6 +89,7 @@ class PreallocQueue:
             with self.lock:
                 self.engine.allocator.free(res.page_ids)
             self.release_transfer(res.transfer_id)
+        self.on_change()
         return res
 
     def expire(self, now: float | None = None) -> list[str]:

@@ -211,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
     server, hs, hb, stop, _ = serve_worker("decode", args, svc, worker_pb2_grpc.add_DecodeWorkerServicer_to_server,
                                            svc.report, max_threads=2 * args.max_num_seqs + 16,
                                            transfer_endpoint=receiver.endpoint)
+    svc.prealloc.on_change = hb.poke
     while not stop.wait(0.5):
         svc.prealloc.expire()
         if svc.batch.error is not None:

@@ -53,6 +53,7 @@ class PrefillScheduler:
         self.queued_tokens = 0
         self.running_tokens = 0
         self.counters = {"bytes_sent": 0, "batches": 0, "requests": 0, "failed": 0}
+        self.on_change = lambda: None  # load changed (the heartbeat reports it at once)
         self._thread = threading.Thread(target=self._run, name="prefill-loop", daemon=True)
 
     def start(self) -> PrefillScheduler:
@@ -77,6 +78,7 @@ class PrefillScheduler:
             self._waiting.append(job)
             self.queued_tokens += n
             self._cv.notify()
+        self.on_change()
 
     def cancel(self, job: PrefillJob) -> None:
         with self._cv:
@@ -125,6 +127,7 @@ class PrefillScheduler:
                         job.fail(f"prefill failed: {e}")
             finally:
                 self.running_tokens = 0
+                self.on_change()
 
     def _prefill(self, batch: list[PrefillJob]) -> None:
         from dsv32_engine.engine import PrefillInput

@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     svc = PrefillService(worker_id, engine, sched, args.enable_fault_injection)
     server, hs, hb, stop, _ = serve_worker("prefill", args, svc, worker_pb2_grpc.add_PrefillWorkerServicer_to_server,
                                            svc.report, max_threads=64)
+    sched.on_change = hb.poke
     stop.wait()
     log.info("prefill worker %s shutting down", worker_id)
     hb.stop(deregister=True)

@@ -2,8 +2,10 @@
 
 Lives in the torch-free control-plane package so that every role registers
 the same way. The load report is whatever ``report()`` returns at each beat
-(``free_pages``, ``running``, ``queued_tokens``...), so the router's view is at
-most one interval old. A Redis outage is survived: the beat keeps trying and
+(``free_pages``, ``running``, ``queued_tokens``...); a worker also ``poke()``s
+the heartbeat when its load changes, so reports are fresh to within ~50 ms
+rather than one interval (a router choosing on stale load herds a burst onto
+one worker). A Redis outage is survived: the beat keeps trying and
 re-registers the worker when Redis is back.
 """
 
@@ -12,11 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Callable
 
 from dsv32_router.state import ClusterState, WorkerInfo
 
 log = logging.getLogger(__name__)
+MIN_GAP_S = 0.05
 
 
 class Heartbeat:
@@ -24,6 +28,7 @@ class Heartbeat:
                  watch_parent: bool = False):
         self.state, self.info, self.report, self.interval_s = state, info, report, interval_s
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{info.worker_id}", daemon=True)
         self._parent = os.getppid() if watch_parent else None
         self.on_orphaned: Callable[[], None] | None = None
@@ -38,9 +43,17 @@ class Heartbeat:
         self._thread.start()
         return self
 
+    def poke(self) -> None:
+        """The load changed (a request queued or left): report it now rather than at the next beat."""
+        self._wake.set()
+
     def _run(self) -> None:
         failing = False
-        while not self._stop.wait(self.interval_s):
+        while True:
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             if self._parent is not None and os.getppid() != self._parent and self.on_orphaned:
                 log.error("parent process %d is gone; shutting down", self._parent)
                 self.on_orphaned()
@@ -54,9 +67,11 @@ class Heartbeat:
                 if not failing:
                     log.warning("heartbeat to Redis failed (will keep trying): %s", e)
                 failing = True
+            time.sleep(MIN_GAP_S)  # pokes come in bursts: at most one report per gap
 
     def stop(self, deregister: bool = True) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2)
         if deregister:
