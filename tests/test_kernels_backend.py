@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
 
@@ -86,3 +87,20 @@ def test_subprocess_triton_imported_too_early_gives_a_clear_error():
             print("error:", e)
     """, {})
     assert r.returncode == 0 and "TRITON_INTERPRET=1" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or K.interpreter_active(),
+                    reason="the interpreter tests already run in this process (or compiled ones on CUDA)")
+def test_interpreter_tests_in_a_fresh_process():
+    """When something imported triton before TRITON_INTERPRET=1 (transformers does), the interpreter
+    tests of every test_kernels_*.py file skip in this process; run them in a fresh one instead."""
+    here = Path(__file__).parent
+    files = sorted(str(p) for p in here.glob("test_kernels_*.py"))
+    env = {k: v for k, v in os.environ.items() if k != "DSV32_KERNELS"}
+    env.update(TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
+                        "-k", "(interp or forced_triton or torch_first) and not fresh_process", *files],
+                       cwd=here.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1].replace("deselected", ""), \
+        r.stdout[-1000:]

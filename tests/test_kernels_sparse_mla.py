@@ -26,7 +26,8 @@ from dsv32_kernels import testing as kt  # noqa: E402
 
 DEVICES = [
     pytest.param("cpu", id="interp", marks=pytest.mark.skipif(
-        not K.interpreter_active(), reason="Triton interpreter inactive (triton imported before TRITON_INTERPRET=1)")),
+        not K.interpreter_active(), reason="Triton interpreter inactive here (triton was imported before TRITON_INTERPRET=1, e.g. by "
+        "transformers); test_kernels_backend.py reruns these in a subprocess")),
     pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
         not torch.cuda.is_available(), reason="needs CUDA")]),
 ]

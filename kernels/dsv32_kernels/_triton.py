@@ -41,12 +41,18 @@ except ImportError:  # the torch twins still work; Triton launches raise
 
 
 def interpreter_active() -> bool:
-    """True when kernels defined now run in Triton's interpreter (CPU tensors work)."""
+    """True when our kernels *and* Triton's own ``tl.max``/``tl.sum``... run in the interpreter.
+
+    Both are decided when they are decorated: if ``triton`` was imported before
+    ``TRITON_INTERPRET=1`` was set (``transformers`` imports it, for one), its
+    standard library is compiled-only and interpreted kernels cannot call it.
+    """
     if not HAVE_TRITON:
         return False
+    import triton.language.standard as std
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(round_to_bf16, InterpretedFunction)
+    return isinstance(round_to_bf16, InterpretedFunction) and isinstance(std.max, InterpretedFunction)
 
 
 def next_pow2(n: int) -> int:
