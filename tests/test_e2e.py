@@ -109,6 +109,9 @@ def _oracle(model: str) -> dict:
     res = {n: o.outputs[0].token_ids for n, o in zip(names + ["text"], outs)}
     [seeded] = llm.generate([PROMPTS["pages"]], SamplingParams(max_tokens=MAX_TOKENS, **SEEDED))
     res["seeded"] = seeded.outputs[0].token_ids
+    [lp] = llm.generate([PROMPTS["short"]], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=3))
+    res["logprobs"] = lp.outputs[0].token_ids
+    res["logprobs_values"] = lp.outputs[0].logprobs
     return res
 
 
@@ -147,6 +150,7 @@ def test_greedy_and_seeded_match_offline_llm_concurrently(e2e):
     jobs = {n: dict(prompt=ids, temperature=0.0) for n, ids in PROMPTS.items()}
     jobs["text"] = dict(prompt=TEXT_PROMPT, temperature=0.0)
     jobs["seeded"] = dict(prompt=PROMPTS["pages"], **SEEDED)
+    jobs["logprobs"] = dict(prompt=PROMPTS["short"], temperature=0.0, logprobs=3)
     with ThreadPoolExecutor(len(jobs)) as pool:
         futs = {n: pool.submit(generate, cluster.target, kw.pop("prompt"), max_tokens=MAX_TOKENS, timeout=120, **kw)
                 for n, kw in jobs.items()}
@@ -155,6 +159,13 @@ def test_greedy_and_seeded_match_offline_llm_concurrently(e2e):
         assert out.token_ids == oracle[name], f"{name}: router {out.token_ids} vs offline {oracle[name]}"
         assert out.finish_reason in ("length", "stop") and out.usage.completion_tokens == len(out.token_ids)
         assert out.usage.time_to_first_token_s > 0
+    lps = got["logprobs"].logprobs
+    assert [lp.token_id for lp in lps] == oracle["logprobs"]
+    for lp, want in zip(lps, oracle["logprobs_values"]):
+        assert len(lp.top) == 3 and lp.top[0].token_id == lp.token_id  # greedy: the chosen token is the top one
+        assert abs(lp.logprob - want[lp.token_id]) < 1e-3
+        for t in lp.top:
+            assert abs(t.logprob - want[t.token_id]) < 1e-3
 
 
 def test_kv_really_crossed_and_a_corrupted_transfer_is_retried(e2e):

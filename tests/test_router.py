@@ -301,7 +301,7 @@ def test_prefill_failure_frees_the_reservation_and_retries(env):
     out = generate(target, [4, 4], max_tokens=3, seed=4, request_id="pf-1")
     assert out.token_ids == expected_tokens(2, 3, 4)
     cancelled = [rid for d in cluster.decode.values() for ev, rid in d.log if ev == "cancel"]
-    assert "pf-1" in cancelled
+    assert "pf-1#1" in cancelled, "the failed attempt's reservation was cancelled"
 
 
 def test_client_cancel_mid_stream_frees_decode_and_records_cancelled(env):

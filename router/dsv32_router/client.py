@@ -86,6 +86,7 @@ def stream_generate(target: str, prompt: str | Sequence[int] | None = None, **pa
 class Completion:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[serving_pb2.Logprobs] = field(default_factory=list)
     finish_reason: str = ""
     usage: serving_pb2.Usage | None = None
     prefill_worker: str = ""
@@ -101,6 +102,7 @@ def generate(target: str, prompt: str | Sequence[int] | None = None, **params) -
         out.messages += 1
         out.text += msg.text
         out.token_ids += msg.token_ids
+        out.logprobs += msg.logprobs
         out.request_id = out.request_id or msg.request_id
         out.prefill_worker = out.prefill_worker or msg.prefill_worker
         out.decode_worker = out.decode_worker or msg.decode_worker

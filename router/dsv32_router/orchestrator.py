@@ -226,6 +226,13 @@ class RequestRun:
         self.avoid: set[str] = set()
         self.prefill_worker = self.decode_worker = ""
         self._announced = False
+        self.attempt = 0
+
+    @property
+    def worker_request_id(self) -> str:
+        """The id workers see: one per attempt, so that a retry landing on the same
+        worker never collides with the remains of the failed attempt there."""
+        return f"{self.req.request_id}#{self.attempt}"
 
     def _timeout(self) -> float:
         left = self.context.time_remaining() if self.context is not None else None
@@ -236,6 +243,7 @@ class RequestRun:
         last_error = ""
         try:
             for attempt in range(1, self.limits.max_attempts + 1):
+                self.attempt = attempt
                 try:
                     async with aclosing(self._attempt()) as tokens:
                         async for out in tokens:
@@ -352,7 +360,7 @@ class RequestRun:
             hold.add("prefill", p.worker_id, tokens=num_prompt)
             try:
                 res = await orch.directory.decode_stub(d).Reserve(worker_pb2.ReserveRequest(
-                    request_id=self.req.request_id, num_prompt_tokens=num_prompt, max_tokens=max_tokens,
+                    request_id=self.worker_request_id, num_prompt_tokens=num_prompt, max_tokens=max_tokens,
                     prefill_worker_id=p.worker_id, lease_s=self.limits.reserve_lease_s), timeout=min(self._timeout(), 30))
                 hold.release("decode_pages")  # D's own report counts them from now on
                 return d, p, res
@@ -388,7 +396,7 @@ class RequestRun:
                        hold: _Hold) -> worker_pb2.PrefillResponse:
         try:
             return await self.orch.directory.prefill_stub(p).Prefill(worker_pb2.PrefillRequest(
-                request_id=self.req.request_id, prompt_ids=prompt, sampling=_sampling_pb(sampling),
+                request_id=self.worker_request_id, prompt_ids=prompt, sampling=_sampling_pb(sampling),
                 decode_worker_id=res.decode_worker_id, transfer_endpoint=res.transfer_endpoint,
                 transfer_id=res.transfer_id, dst_page_ids=res.page_ids), timeout=self._timeout())
         except grpc.aio.AioRpcError as e:
@@ -399,7 +407,7 @@ class RequestRun:
     async def _decode(self, d: WorkerInfo, res: worker_pb2.ReserveResponse, prompt: list[int], sampling: Sampling,
                       pre: worker_pb2.PrefillResponse):
         call = self.orch.directory.decode_stub(d).Decode(worker_pb2.DecodeRequest(
-            request_id=self.req.request_id, transfer_id=res.transfer_id, prompt_ids=prompt,
+            request_id=self.worker_request_id, transfer_id=res.transfer_id, prompt_ids=prompt,
             sampling=_sampling_pb(sampling), first=pre.first, checksum=pre.checksum, sent_bytes=pre.sent_bytes),
             timeout=self._timeout())
         first = True
@@ -423,7 +431,7 @@ class RequestRun:
     async def _cancel_on(self, d: WorkerInfo, reason: str) -> None:
         try:
             await self.orch.directory.decode_stub(d).Cancel(
-                worker_pb2.CancelRequest(request_id=self.req.request_id, reason=reason), timeout=5)
+                worker_pb2.CancelRequest(request_id=self.worker_request_id, reason=reason), timeout=5)
         except Exception as e:
             log.debug("cancel on %s failed: %s", d.worker_id, e)
 
