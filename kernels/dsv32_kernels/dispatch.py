@@ -6,7 +6,8 @@ One switch for the whole package:
 * ``triton`` — always Triton. On CPU tensors this runs Triton's interpreter,
   which needs ``TRITON_INTERPRET=1`` in the environment *before Triton is first
   imported* (``import dsv32_kernels`` sets it on a machine without CUDA; set it
-  yourself if something imports ``triton`` earlier). Slow: tests only;
+  yourself if something imports ``triton`` earlier - ``transformers`` does).
+  Slow: tests only;
 * ``torch`` — always the torch twin.
 
 Set it with the environment variable ``DSV32_KERNELS=auto|triton|torch`` (read

@@ -169,6 +169,8 @@ def indexer_logits_decode(q: torch.Tensor, weights: torch.Tensor, index_pool: to
                                            max_ctx=max_ctx)
     check_pow2("index_head_dim", D)
     out = torch.empty(B, n, max_ctx, dtype=torch.float32, device=device)
+    if out.numel() == 0:
+        return out
     context_lens = context_lens.contiguous()  # read with unit stride
     fp8_mode = layout.mode == "fp8"
     key_dtype = torch.float8_e4m3fn if fp8_mode else index_pool.dtype
