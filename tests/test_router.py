@@ -529,3 +529,21 @@ def test_generate_cli_streams_text_from_a_cluster(env):
     assert out.returncode == 0, out.stderr
     prompt_len = len(load_tokenizer(model_dir).encode("Hello"))
     assert out.stdout == load_tokenizer(model_dir).decode(expected_tokens(prompt_len, 5, 3)) + "\n"
+
+
+def test_router_admission_is_bounded(router_env):
+    cluster, _, model_dir, url = router_env
+    proc, target = start_router(model_dir, url, "rt:", "--max-inflight", "1", "--max-waiting", "0")
+    try:
+        cluster.decode_faults.append(("slow", 0.05))
+        it = stream_responses(target, [1, 2], max_tokens=40, seed=1)
+        next(it)  # the one slot is taken
+        with pytest.raises(GenerateError) as e:
+            generate(target, [3, 4], max_tokens=2, seed=1)
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "router busy" in e.value.details
+        assert sum(1 for _ in it) > 0  # the admitted one completes
+        assert len(generate(target, [3, 4], max_tokens=2, seed=1).token_ids) == 2  # and frees its slot
+    finally:
+        cluster.decode_faults.clear()
+        proc.terminate()
+        proc.wait(10)

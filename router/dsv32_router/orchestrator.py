@@ -135,7 +135,8 @@ class Orchestrator:
 
     async def generate(self, request: serving_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         """The ``Generate`` handler body: yields responses or raises :class:`RequestError`."""
-        req = resolve(request, self.tokenizer, self.spec)
+        # Tokenizing (or rendering a chat) can take milliseconds: off the event loop.
+        req = await asyncio.to_thread(resolve, request, self.tokenizer, self.spec)
         if not self.directory.snapshot:
             await self.directory.refresh()
         counts = self.directory.counts()
@@ -172,6 +173,8 @@ class Orchestrator:
         try:
             await asyncio.wait_for(self._slots.acquire(), self.admission_budget(context))
         except asyncio.TimeoutError:
+            if _deadline_passed(context):
+                raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while waiting") from None
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "router busy: no slot freed in time") from None
         finally:
             self._waiting -= 1
