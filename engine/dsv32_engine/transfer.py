@@ -1,0 +1,68 @@
+"""KV transfer from a prefill worker to a decode worker, layer by layer, over torch.distributed.
+
+Two roles, one per worker kind; these are all their primitives:
+
+=========================  ====================================================
+decode worker              ``KVReceiver(cache, host, port, worker_id)``
+                           ``.endpoint`` — ``HOST:PORT`` of the TCPStore it hosts
+                           ``.expect(transfer_id, peer_id, dst_pages)``
+                           ``.poll(transfer_id)`` → ``KVPoll``
+                           ``.wait(transfer_id, timeout_s)`` → ``TransferResult``
+                           ``.release(transfer_id)``, ``.close()``
+prefill worker             ``KVSender(cache, worker_id)``
+                           ``.begin(transfer_id, endpoint, decode_id, src_pages)`` → ``SendHandle``
+                           ``.send_layer(handle, layer)`` — right after the forward wrote the layer
+                           ``.finish(handle, timeout_s)`` → ``TransferResult``
+                           ``.poll(handle)`` → ``KVPoll``, ``.close()``
+=========================  ====================================================
+
+``transfer_fake`` has the same two roles in one process, for unit tests and warm-up.
+
+A transfer's life (``KVPoll``): BOOTSTRAPPING → WAITING → TRANSFERRING → SUCCESS, or FAILED at any point.
+
+1. The decode worker reserves pages and calls ``expect``; a receiver thread polls
+   its own store for the transfer's announcement.
+2. The prefill worker calls ``begin``; a sender thread connects to that store,
+   takes a fresh *generation* for the pair if it has no live group
+   (``store.add`` on ``pair/{prefill}/{decode}/gen``), writes the announcement
+   ``xfer/{transfer_id}`` = (generation, sequence number on the pair, geometry),
+   then builds the 2-rank group ``pair/{prefill}/{decode}/{gen}/`` (gloo on CPU,
+   NCCL on CUDA) if needed. The receiver reads the announcement and joins the
+   same group (or reuses it). Groups are cached on both sides.
+3. Each ``send_layer`` hands a layer to the sender thread, which gathers the
+   layer's source pages into one contiguous buffer per pool (latent, indexer),
+   extends a crc32 over them and sends them with tag ``(seq, layer, pool)``. The
+   receiver keeps receives posted a window of layers ahead, checksums each
+   layer and scatters it into the destination pages.
+4. Before its last send the sender publishes its checksum
+   (``xfer/{transfer_id}/sum``); the receiver compares it with its own, so a
+   corrupted or missing latent or indexer page fails the transfer instead of
+   silently producing garbage. Both results also carry the checksum.
+
+Concurrency: any number of transfers may be in flight on a pair and across
+pairs. The sequence number, assigned by the sender under the pair's lock and
+carried in the announcement, makes every tag unique among the pair's transfers
+in flight, so a send can only match its own receive. NCCL ignores tags, so on
+CUDA (``ordered``) each side issues a pair's transfers one after another in
+sequence order instead.
+
+Failure: every wait has a deadline (``timeout_s`` from ``expect``/the
+announcement on the receiver, from ``begin`` on the sender). A gloo wait that
+fails or times out closes the pair, so any failure after the group was used
+marks that generation broken on the side that saw it; the sender takes a new
+generation at its next ``begin`` (a restarted sender always does), the receiver
+builds the newer group when it reads that announcement and never rebuilds a
+generation it has already built. A sender that dies mid-transfer is seen by the
+receiver as a closed connection, well within the timeout. Checksum or geometry
+mismatches drain the data and fail the transfer but keep the group.
+"""
+
+from __future__ import annotations
+
+from .transfer_pages import cache_checksum
+from .transfer_receiver import KVReceiver
+from .transfer_sender import FAULT_ENV, KVSender, SendHandle
+from .transfer_state import KVPoll, TransferError, TransferResult
+
+__all__ = ["FAULT_ENV", "KVPoll", "KVReceiver", "KVSender", "SendHandle", "TransferError", "TransferResult",
+           "cache_checksum"]

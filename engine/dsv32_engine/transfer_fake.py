@@ -1,0 +1,200 @@
+"""In-process fake KV transfer: the two roles of ``transfer.py``, copying pages between caches in one process.
+
+For unit tests of the workers and for warm-up. No threads, no sockets: each
+``send_layer`` copies the layer's pages straight into the receiver's pages (or
+parks them until ``expect`` is called), with the same page-byte handling,
+checksum and states as the real backend. Receivers are found by endpoint in a
+``FakeTransferHub`` (one default hub per process). ``fault`` takes the same
+values as the real sender's (``corrupt-index[:N]``, ``corrupt-latent[:N]``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from .transfer_pages import CachePages, crc32, format_checksum
+from .transfer_state import KVPoll, TransferError, TransferResult, TransferState
+
+
+class FakeTransferHub:
+    """Endpoint → fake receiver, for one process."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self._receivers: dict[str, FakeKVReceiver] = {}
+        self._next_port = 1
+
+    def register(self, receiver: FakeKVReceiver, host: str, port: int) -> str:
+        with self.lock:
+            if not port:
+                port, self._next_port = self._next_port, self._next_port + 1
+            endpoint = f"{host}:{port}"
+            if endpoint in self._receivers:
+                raise ValueError(f"fake endpoint {endpoint} is taken")
+            self._receivers[endpoint] = receiver
+            return endpoint
+
+    def unregister(self, endpoint: str) -> None:
+        with self.lock:
+            self._receivers.pop(endpoint, None)
+
+    def lookup(self, endpoint: str) -> FakeKVReceiver:
+        with self.lock:
+            if endpoint not in self._receivers:
+                raise TransferError(f"no fake receiver at {endpoint}")
+            return self._receivers[endpoint]
+
+
+DEFAULT_HUB = FakeTransferHub()
+
+
+class _Incoming:
+    def __init__(self, transfer_id: str):
+        self.status = TransferState(transfer_id)
+        self.peer_id: str | None = None
+        self.pages = None
+        self.num_layers = 0
+        self.deadline = 0.0
+        self.parked: list[tuple[str, int, list]] = []  # (sender id, layer, [bytes per pool]) before expect
+        self.crc, self.next_layer, self.sender_sum = 0, 0, None
+
+
+class FakeKVReceiver:
+    def __init__(self, cache, host: str = "fake", port: int = 0, worker_id: str = "decode", timeout_s: float = 30,
+                 hub: FakeTransferHub | None = None):
+        self.worker_id, self.timeout_s = worker_id, timeout_s
+        self._pages = CachePages(cache)
+        self._hub = hub or DEFAULT_HUB
+        self.endpoint = self._hub.register(self, host, port)
+        self._incoming: dict[str, _Incoming] = {}
+
+    def expect(self, transfer_id: str, peer_id: str, dst_pages: list[int], num_layers: int | None = None) -> None:
+        with self._hub.lock:
+            t = self._incoming.setdefault(transfer_id, _Incoming(transfer_id))
+            if t.pages is not None:
+                raise ValueError(f"transfer {transfer_id} is already expected")
+            t.peer_id, t.pages = peer_id, self._pages.page_set(dst_pages)
+            t.num_layers = num_layers or self._pages.num_layers
+            t.deadline = time.monotonic() + self.timeout_s
+            parked, t.parked = t.parked, []
+            for sender_id, layer, blobs in parked:
+                self._land(t, sender_id, layer, blobs)
+
+    def poll(self, transfer_id: str) -> KVPoll:
+        t = self._get(transfer_id)
+        if t.status.state not in (KVPoll.SUCCESS, KVPoll.FAILED) and time.monotonic() > t.deadline:
+            t.status.fail(f"timed out after {self.timeout_s}s")
+        return t.status.state
+
+    def wait(self, transfer_id: str, timeout_s: float) -> TransferResult:
+        t = self._get(transfer_id)
+        try:
+            return t.status.wait(min(timeout_s, max(0.0, t.deadline - time.monotonic())))
+        except TransferError:
+            self.poll(transfer_id)  # past the transfer's own deadline: FAILED from now on
+            raise
+
+    def release(self, transfer_id: str) -> None:
+        with self._hub.lock:
+            self._incoming.pop(transfer_id, None)
+
+    def close(self) -> None:
+        self._hub.unregister(self.endpoint)
+        with self._hub.lock:
+            self._incoming.clear()
+
+    def _get(self, transfer_id: str) -> _Incoming:
+        t = self._incoming.get(transfer_id)
+        if t is None or t.pages is None:
+            raise KeyError(f"transfer {transfer_id} is not expected (or was released)")
+        return t
+
+    def deliver(self, transfer_id: str, sender_id: str, layer: int, blobs: list, sender_sum: str | None) -> None:
+        """Called by ``FakeKVSender`` (under the hub lock) for each layer; the last one carries the checksum."""
+        t = self._incoming.setdefault(transfer_id, _Incoming(transfer_id))
+        if sender_sum is not None:
+            t.sender_sum = sender_sum
+        if t.pages is None:
+            t.parked.append((sender_id, layer, blobs))
+        else:
+            self._land(t, sender_id, layer, blobs)
+
+    def _land(self, t: _Incoming, sender_id: str, layer: int, blobs: list) -> None:
+        if t.status.state == KVPoll.FAILED:
+            return
+        if sender_id != t.peer_id or layer != t.next_layer or blobs[0].shape[0] != len(t.pages):
+            t.status.fail(f"unexpected data: layer {layer} of {blobs[0].shape[0]} pages from {sender_id}")
+            return
+        t.status.advance(KVPoll.TRANSFERRING)
+        for pool, blob in zip(self._pages.parts(layer), blobs):
+            t.crc = crc32(blob, t.crc)
+            t.pages.scatter(pool, blob)
+        t.next_layer += 1
+        if t.next_layer == t.num_layers:
+            mine = format_checksum(t.crc)
+            if t.sender_sum != mine:
+                t.status.fail(f"checksum mismatch: sender {t.sender_sum}, receiver {mine}")
+            else:
+                nbytes = len(t.pages) * self._pages.page_bytes * t.num_layers
+                t.status.succeed(TransferResult(t.status.transfer_id, nbytes, mine,
+                                                time.perf_counter() - t.status.t_start))
+
+
+class FakeSendHandle:
+    def __init__(self, transfer_id: str, receiver: FakeKVReceiver, pages, num_layers: int):
+        self.transfer_id, self.receiver, self.pages, self.num_layers = transfer_id, receiver, pages, num_layers
+        self.status = TransferState(transfer_id)
+        self.status.advance(KVPoll.WAITING)
+        self.crc, self.next_layer = 0, 0
+
+
+class FakeKVSender:
+    def __init__(self, cache, worker_id: str = "prefill", timeout_s: float = 30, hub: FakeTransferHub | None = None,
+                 fault: str | None = None):
+        self.worker_id, self.timeout_s = worker_id, timeout_s
+        self._pages = CachePages(cache)
+        self._hub = hub or DEFAULT_HUB
+        kind, _, count = (fault or "").partition(":")
+        if kind not in ("", "corrupt-index", "corrupt-latent"):
+            raise ValueError(f"unknown transfer fault {kind!r}")
+        self._fault, self._faults_left = kind, (int(count or 1) if kind else 0)
+
+    def begin(self, transfer_id: str, endpoint: str, decode_id: str, src_pages: list[int],
+              num_layers: int | None = None) -> FakeSendHandle:
+        receiver = self._hub.lookup(endpoint)
+        if receiver.worker_id != decode_id:
+            raise TransferError(f"{endpoint} is {receiver.worker_id}, not {decode_id}")
+        return FakeSendHandle(transfer_id, receiver, self._pages.page_set(src_pages),
+                              num_layers or self._pages.num_layers)
+
+    def send_layer(self, handle: FakeSendHandle, layer: int) -> None:
+        if layer != handle.next_layer or layer >= handle.num_layers:
+            raise ValueError(f"transfer {handle.transfer_id}: expected layer {handle.next_layer}, got {layer}")
+        handle.status.advance(KVPoll.TRANSFERRING)
+        blobs = [pool[handle.pages.ids_tensor].clone() for pool in self._pages.parts(layer)]
+        for blob in blobs:
+            handle.crc = crc32(blob, handle.crc)
+        last = layer == handle.num_layers - 1
+        if last and self._faults_left:
+            self._faults_left -= 1
+            blobs[-1 if self._fault == "corrupt-index" else 0].view(-1)[0] ^= 0xFF
+        handle.next_layer += 1
+        with self._hub.lock:
+            handle.receiver.deliver(handle.transfer_id, self.worker_id, layer, blobs,
+                                    format_checksum(handle.crc) if last else None)
+        if last:
+            nbytes = len(handle.pages) * self._pages.page_bytes * handle.num_layers
+            handle.status.succeed(TransferResult(handle.transfer_id, nbytes, format_checksum(handle.crc),
+                                                 time.perf_counter() - handle.status.t_start))
+
+    def finish(self, handle: FakeSendHandle, timeout_s: float) -> TransferResult:
+        if handle.next_layer < handle.num_layers:
+            raise TransferError(f"transfer {handle.transfer_id}: finish() before layer {handle.next_layer} was sent")
+        return handle.status.wait(timeout_s)
+
+    def poll(self, handle: FakeSendHandle) -> KVPoll:
+        return handle.status.state
+
+    def close(self) -> None:
+        pass

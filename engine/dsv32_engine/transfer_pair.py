@@ -1,0 +1,183 @@
+"""The wire protocol of KV transfer: store keys, announcements, tags, pair groups.
+
+All keys live on the decode worker's TCPStore:
+
+* ``pair/{prefill}/{decode}/gen`` — counter; a sender takes a fresh generation
+  (``store.add``) each time it (re)builds its group to that decode worker.
+* ``pair/{prefill}/{decode}/{gen}/...`` — the 2-rank group's own rendezvous
+  (sender rank 0, receiver rank 1). A prefix is used once: a broken group is
+  never rebuilt under the same generation (stale rendezvous keys would point at
+  dead sockets).
+* ``xfer/{transfer_id}`` — the sender's announcement (generation, sequence
+  number, geometry); the receiver reads and deletes it.
+* ``xfer/{transfer_id}/sum`` — the sender's checksum, set before its last send;
+  the receiver compares and deletes it.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .transfer_state import TransferError
+
+SENDER_RANK, RECEIVER_RANK = 0, 1
+LAYER_BITS = 8  # layers per transfer < 256 (DeepSeek-V3.2: 61, +1 MTP)
+SEQ_MOD = 1 << (31 - LAYER_BITS - 1)  # gloo tags are C ints; sequence numbers wrap after ~4M transfers
+
+
+def tag(seq: int, layer: int, part: int) -> int:
+    """The gloo tag of one buffer: distinct for every (transfer on the pair, layer, pool) in flight."""
+    if not 0 <= layer < (1 << LAYER_BITS) or part not in (0, 1):
+        raise ValueError(f"layer {layer} / part {part} out of the tag range")
+    return ((seq % SEQ_MOD) << (LAYER_BITS + 1)) | (layer << 1) | part
+
+
+def gen_key(prefill_id: str, decode_id: str) -> str:
+    return f"pair/{prefill_id}/{decode_id}/gen"
+
+
+def group_prefix(prefill_id: str, decode_id: str, gen: int) -> str:
+    return f"pair/{prefill_id}/{decode_id}/{gen}/"
+
+
+def announce_key(transfer_id: str) -> str:
+    return f"xfer/{transfer_id}"
+
+
+def checksum_key(transfer_id: str) -> str:
+    return f"xfer/{transfer_id}/sum"
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """What a sender tells the receiver about one transfer before its first send."""
+
+    transfer_id: str
+    prefill_id: str
+    gen: int
+    seq: int
+    num_layers: int
+    num_pages: int
+    latent_page_bytes: int
+    index_page_bytes: int
+    backend: str
+    ordered: bool
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Announcement:
+        return cls(**json.loads(raw))
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"endpoint must be HOST:PORT, got {endpoint!r}")
+    return host.strip("[]"), int(port)
+
+
+def local_address_towards(host: str, port: int) -> str:
+    """The local IP this machine uses to reach ``host`` (gloo must bind to a routable address)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, port))  # UDP: no packet is sent
+        return s.getsockname()[0]
+
+
+def host_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
+    return dist.TCPStore(host, port, None, is_master=True, timeout=timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
+    try:
+        return dist.TCPStore(host, port, None, is_master=False, timeout=timedelta(seconds=max(timeout_s, 0.1)),
+                             wait_for_workers=False)
+    except Exception as e:  # DistNetworkError and friends
+        raise TransferError(f"cannot reach the transfer store at {host}:{port}: {e}") from e
+
+
+def build_group(backend: str, host: str, port: int, prefix: str, rank: int, timeout_s: float, local_host: str):
+    """Join one 2-rank pair group; blocks until the peer joins too (at most ``timeout_s``).
+
+    Each group gets its own store connection: gloo's rendezvous blocks on it,
+    and the receiver's shared store must stay free for announcements meanwhile.
+    Returns ``(group, store)``; keep the store alive as long as the group.
+    """
+    store = connect_store(host, port, timeout_s)
+    prefixed = dist.PrefixStore(prefix, store)
+    timeout = timedelta(seconds=max(timeout_s, 0.1))
+    try:
+        if backend == "gloo":
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = timeout
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_host)]
+            return dist.ProcessGroupGloo(prefixed, rank, 2, opts), store
+        nccl = getattr(dist, "ProcessGroupNCCL", None)
+        if nccl is None:
+            raise TransferError("KV cache is on CUDA but this torch build has no NCCL")
+        opts = nccl.Options()
+        opts._timeout = timeout
+        return nccl(prefixed, rank, 2, opts), store
+    except TransferError:
+        raise
+    except Exception as e:
+        raise TransferError(f"pair group {prefix} ({backend}, rank {rank}) not formed: {e}") from e
+
+
+def seconds_left(deadline: float) -> float:
+    """Seconds until a ``time.monotonic()`` deadline; at least 1 ms (gloo reads 0 as 'the group default')."""
+    return max(deadline - time.monotonic(), 0.001)
+
+
+def wait_work(work, deadline: float) -> None:
+    """Wait for a send/recv. A gloo wait that times out also closes the pair: the group is dead after it."""
+    work.wait(timedelta(seconds=seconds_left(deadline)))
+
+
+@dataclass(eq=False)
+class PairGroup:
+    """One generation of the 2-rank group of a (prefill, decode) pair, as either side holds it."""
+
+    pg: object
+    store: object
+    """The group's own store connection (rendezvous, then checksums); guarded by ``store_lock``."""
+    gen: int
+    ordered: bool
+    """True where the backend matches sends to receives by order, not tag (NCCL)."""
+    next_seq: int = 0  # sender: the sequence number of the next announced transfer
+    broken: bool = False
+    turn: int = 0  # ordered mode: the sequence number allowed to issue its sends (receives) now
+    cv: threading.Condition = field(default_factory=threading.Condition)
+    store_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def take_turn(self, seq: int, deadline: float) -> None:
+        """Ordered mode: wait until every earlier transfer on the pair has issued all its operations."""
+        with self.cv:
+            if not self.cv.wait_for(lambda: self.turn == seq or self.broken, seconds_left(deadline)):
+                raise TransferError(f"transfer #{seq} waited too long for its turn on the pair")
+            if self.broken:
+                raise TransferError("pair group broke while waiting for a turn")
+
+    def pass_turn(self, seq: int) -> None:
+        with self.cv:
+            self.turn = seq + 1
+            self.cv.notify_all()
+
+    def mark_broken(self) -> None:
+        with self.cv:
+            self.broken = True
+            self.cv.notify_all()

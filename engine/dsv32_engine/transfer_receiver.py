@@ -1,0 +1,238 @@
+"""Decode-worker side of KV transfer: ``KVReceiver`` (see ``transfer.py`` for the protocol)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import torch
+
+from .transfer_pages import CachePages, PageSet, StagingPool, crc32, format_checksum
+from .transfer_pair import (SENDER_RANK, Announcement, PairGroup, announce_key, backend_for, build_group,
+                            checksum_key, group_prefix, host_store, seconds_left, tag, wait_work)
+from .transfer_state import KVPoll, TransferError, TransferResult, TransferState, TransferThreads
+
+
+class _Expected:
+    """One transfer on the receiver side."""
+
+    def __init__(self, transfer_id: str, peer_id: str, pages: PageSet, num_layers: int):
+        self.transfer_id, self.peer_id, self.pages, self.num_layers = transfer_id, peer_id, pages, num_layers
+        self.status = TransferState(transfer_id)
+        self.lock = threading.Lock()  # scatter vs release: after release() returns, no page is written
+        self.released = False
+
+
+class _Peer:
+    """The groups one prefill worker has built with us; only the newest generation is used."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.group: PairGroup | None = None
+        self.max_gen = 0
+
+
+class KVReceiver:
+    """Decode-worker side: hosts the TCPStore; ``expect`` → ``poll``/``wait`` → ``release``."""
+
+    def __init__(self, cache, host: str, port: int, worker_id: str, timeout_s: float = 30,
+                 window_layers: int = 4, ordered: bool | None = None):
+        self.worker_id = worker_id
+        self.timeout_s = timeout_s
+        self._pages = CachePages(cache)
+        self._backend = backend_for(self._pages.device)
+        self._ordered = self._backend == "nccl" if ordered is None else ordered
+        self._window = max(1, window_layers)
+        self._store = host_store(host, port, timeout_s)
+        self._store_lock = threading.Lock()
+        self.host, self.port = host, self._store.port
+        self._staging = StagingPool()
+        self._peers: dict[str, _Peer] = {}
+        self._transfers: dict[str, _Expected] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._threads = TransferThreads(self)
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def expect(self, transfer_id: str, peer_id: str, dst_pages: list[int], num_layers: int | None = None) -> None:
+        """Receive ``transfer_id`` from prefill worker ``peer_id`` into ``dst_pages`` of every layer (background)."""
+        if self._closed:
+            raise TransferError("KVReceiver is closed")
+        num_layers = self._pages.num_layers if num_layers is None else num_layers
+        if not 0 < num_layers <= self._pages.num_layers:
+            raise ValueError(f"num_layers={num_layers} but the cache has {self._pages.num_layers}")
+        t = _Expected(transfer_id, peer_id, self._pages.page_set(dst_pages), num_layers)
+        with self._lock:
+            if transfer_id in self._transfers:
+                raise ValueError(f"transfer {transfer_id} is already expected")
+            self._transfers[transfer_id] = t
+        self._threads.start(self._run, t, f"kv-recv-{transfer_id}")
+
+    def poll(self, transfer_id: str) -> KVPoll:
+        return self._get(transfer_id).status.state
+
+    def wait(self, transfer_id: str, timeout_s: float) -> TransferResult:
+        """Block until the pages have landed and the checksum matched; raise ``TransferError`` otherwise."""
+        return self._get(transfer_id).status.wait(timeout_s)
+
+    def release(self, transfer_id: str) -> None:
+        """Forget a transfer. If it is still in flight, its remaining data is drained, not written to the pages."""
+        with self._lock:
+            t = self._transfers.pop(transfer_id, None)
+        if t is not None:
+            with t.lock:
+                t.released = True
+
+    def pair_generation(self, peer_id: str) -> int | None:
+        """The generation of the live group with a prefill worker (observability and tests)."""
+        peer = self._peers.get(peer_id)
+        group = peer.group if peer else None
+        return group.gen if group is not None and not group.broken else None
+
+    def close(self, join_timeout_s: float = 5.0) -> None:
+        """Stop: transfers still waiting for an announcement end at once, those receiving get ``join_timeout_s``."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            ids = list(self._transfers)
+        for tid in ids:
+            self.release(tid)
+        self._threads.join(join_timeout_s)
+        for peer in list(self._peers.values()):
+            if peer.group is not None:
+                peer.group.mark_broken()
+            peer.group = None
+        with self._store_lock:
+            self._store = None
+
+    def _get(self, transfer_id: str) -> _Expected:
+        try:
+            return self._transfers[transfer_id]
+        except KeyError:
+            raise KeyError(f"transfer {transfer_id} is not expected (or was released)") from None
+
+    # -- worker thread ---------------------------------------------------------
+    def _run(self, t: _Expected) -> None:
+        group = None
+        try:
+            if self._pages.device.type == "cuda":
+                torch.cuda.set_device(self._pages.device)
+            ann = self._await_announcement(t)
+            deadline = time.monotonic() + self.timeout_s
+            problem = self._mismatch(t, ann)
+            group = self._group_for(ann, deadline)
+            t.status.advance(KVPoll.WAITING)
+            crc, sender_sum = self._receive(t, ann, group, write=problem is None, deadline=deadline)
+            mine = format_checksum(crc)
+            if not problem and sender_sum != mine:
+                problem = (f"checksum mismatch: sender {sender_sum}, receiver {mine} "
+                           "(latent or indexer pages corrupted or missing)")
+        except Exception as e:
+            if group is not None:  # a failed wait closes the gloo pair: this generation is finished
+                group.mark_broken()
+            problem = f"{type(e).__name__}: {e}"
+        group = None  # before signalling: see TransferThreads
+        if problem or t.released:
+            t.status.fail(problem or "released while in flight")
+        else:
+            nbytes = len(t.pages) * self._pages.page_bytes * t.num_layers
+            t.status.succeed(TransferResult(t.transfer_id, nbytes, mine, time.perf_counter() - t.status.t_start))
+
+    def _await_announcement(self, t: _Expected) -> Announcement:
+        """Poll the store for the sender's announcement (polling keeps the shared store connection unblocked).
+
+        A released transfer keeps waiting: if its sender still sends, the data is drained rather than left
+        pending until the sender's wait times out, which would close the pair for every transfer on it.
+        """
+        key, delay, polls = announce_key(t.transfer_id), 0.0002, 0
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            polls += 1
+            with self._store_lock:
+                if self._closed:
+                    raise TransferError("receiver closed")
+                if self._store.check([key]):
+                    raw = self._store.get(key)
+                    self._store.delete_key(key)
+                    return Announcement.decode(raw)
+            if time.monotonic() > deadline:
+                raise TransferError(f"no announcement from {t.peer_id} within {self.timeout_s}s ({polls} polls)")
+            time.sleep(delay)
+            delay = min(2 * delay, 0.005)
+
+    def _mismatch(self, t: _Expected, ann: Announcement) -> str | None:
+        """Why the announced data cannot go into the expected pages, or None. Raises if it cannot even be drained."""
+        if ann.prefill_id != t.peer_id or ann.backend != self._backend or ann.ordered != self._ordered:
+            raise TransferError(f"announcement from {ann.prefill_id} ({ann.backend}, ordered={ann.ordered}) does not "
+                                f"match: expected {t.peer_id} ({self._backend}, ordered={self._ordered})")
+        mine = (t.num_layers, len(t.pages), self._pages.latent_page_bytes, self._pages.index_page_bytes)
+        theirs = (ann.num_layers, ann.num_pages, ann.latent_page_bytes, ann.index_page_bytes)
+        if mine != theirs:
+            return f"geometry mismatch (layers, pages, latent page bytes, index page bytes): sender {theirs}, receiver {mine}"
+        return None
+
+    def _group_for(self, ann: Announcement, deadline: float) -> PairGroup:
+        with self._lock:
+            peer = self._peers.setdefault(ann.prefill_id, _Peer())
+        with peer.lock:
+            group = peer.group
+            if group is not None and group.gen == ann.gen and not group.broken:
+                return group
+            if ann.gen <= peer.max_gen:
+                raise TransferError(f"{ann.prefill_id} announced generation {ann.gen}, but generation {peer.max_gen} "
+                                    "was built already (stale announcement, or a broken group the sender must rebuild)")
+            if group is not None:
+                group.mark_broken()  # superseded: the sender restarted or saw a failure
+            peer.group, peer.max_gen = None, ann.gen
+            host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+            pg, store = build_group(ann.backend, host, self.port, group_prefix(ann.prefill_id, self.worker_id, ann.gen),
+                                    1 - SENDER_RANK, seconds_left(deadline), host)
+            peer.group = PairGroup(pg, store, ann.gen, ann.ordered)
+            return peer.group
+
+    def _receive(self, t: _Expected, ann: Announcement, group: PairGroup, write: bool, deadline: float):
+        """Post receives a window of layers ahead; checksum and scatter each layer in order as it lands."""
+        sizes = [ann.num_pages * ann.latent_page_bytes, ann.num_pages * ann.index_page_bytes]
+        posted: deque = deque()
+
+        def post(layer: int) -> None:
+            ops = []
+            for part, nbytes in enumerate(sizes):
+                if nbytes:
+                    base = self._staging.take(nbytes, self._pages.device)
+                    buf = base[:nbytes]
+                    ops.append((part, group.pg.recv([buf], SENDER_RANK, tag(ann.seq, layer, part)), base, buf))
+            posted.append(ops)
+            if layer == ann.num_layers - 1 and group.ordered:
+                group.pass_turn(ann.seq)
+
+        if group.ordered:
+            group.take_turn(ann.seq, deadline)
+        for layer in range(min(self._window, ann.num_layers)):
+            post(layer)
+        crc = 0
+        for layer in range(ann.num_layers):
+            ops = posted.popleft()
+            for _, work, _, _ in ops:
+                wait_work(work, deadline)
+            if layer + self._window < ann.num_layers:
+                post(layer + self._window)
+            for part, _, base, buf in ops:
+                crc = crc32(buf, crc)
+                with t.lock:
+                    if write and not t.released:
+                        pool = self._pages.parts(layer)[part]
+                        t.pages.scatter(pool, buf.view(len(t.pages), pool.shape[1]))
+                self._staging.give(base)
+            t.status.advance(KVPoll.TRANSFERRING)
+        if self._pages.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # pages visible to whatever stream decodes next
+        with group.store_lock:
+            sender_sum = group.store.get(checksum_key(t.transfer_id)).decode()
+            group.store.delete_key(checksum_key(t.transfer_id))
+        return crc, sender_sum

@@ -1,0 +1,224 @@
+"""Prefill-worker side of KV transfer: ``KVSender`` (see ``transfer.py`` for the protocol)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections import deque
+
+import torch
+
+from .transfer_pages import CachePages, PageSet, StagingPool, crc32, format_checksum
+from .transfer_pair import (RECEIVER_RANK, SENDER_RANK, Announcement, PairGroup, announce_key, backend_for,
+                            build_group, checksum_key, connect_store, gen_key, group_prefix, local_address_towards,
+                            parse_endpoint, seconds_left, tag, wait_work)
+from .transfer_state import KVPoll, TransferError, TransferResult, TransferState, TransferThreads
+
+FAULT_ENV = "DSV32_TRANSFER_FAULT"
+"""Fault injection for end-to-end tests: ``corrupt-index[:N]`` or ``corrupt-latent[:N]`` flips a byte of the
+last layer's indexer (latent) pages after the checksum, in the next N transfers (default 1)."""
+
+
+class _Pair:
+    """This sender's link to one decode worker: a store connection and the current group generation."""
+
+    def __init__(self, endpoint: str, decode_id: str):
+        self.host, self.port = parse_endpoint(endpoint)
+        self.decode_id = decode_id
+        self.lock = threading.Lock()  # serialises announcing and (re)building
+        self.store = None
+        self.group: PairGroup | None = None
+
+
+class SendHandle:
+    """One transfer on the sender side, as returned by ``KVSender.begin``."""
+
+    def __init__(self, transfer_id: str, pair: _Pair, pages: PageSet, num_layers: int, timeout_s: float):
+        self.transfer_id = transfer_id
+        self.decode_id = pair.decode_id
+        self.pages = pages
+        self.num_layers = num_layers
+        self.status = TransferState(transfer_id)
+        self.deadline = time.monotonic() + timeout_s
+        self.t_last_layer = 0.0
+        self._pair = pair
+        self._layers: queue.SimpleQueue = queue.SimpleQueue()
+        self._next_layer = 0
+
+
+class KVSender:
+    """Prefill-worker side: ``begin`` → ``send_layer`` × layers → ``finish``; ``poll`` any time."""
+
+    def __init__(self, cache, worker_id: str, timeout_s: float = 30, window_layers: int = 4,
+                 ordered: bool | None = None, fault: str | None = None):
+        self.worker_id = worker_id
+        self.timeout_s = timeout_s
+        self._pages = CachePages(cache)
+        self._backend = backend_for(self._pages.device)
+        self._ordered = self._backend == "nccl" if ordered is None else ordered
+        self._window = max(1, window_layers)
+        self._staging = StagingPool()
+        self._pairs: dict[tuple[str, str], _Pair] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._threads = TransferThreads(self)
+        kind, _, count = (fault if fault is not None else os.environ.get(FAULT_ENV, "")).partition(":")
+        if kind not in ("", "corrupt-index", "corrupt-latent"):
+            raise ValueError(f"unknown transfer fault {kind!r}")
+        self._fault, self._faults_left = kind, (int(count or 1) if kind else 0)
+
+    def begin(self, transfer_id: str, endpoint: str, decode_id: str, src_pages: list[int],
+              num_layers: int | None = None) -> SendHandle:
+        """Start a transfer of ``src_pages`` (all layers) to the decode worker at ``endpoint``. Non-blocking."""
+        if self._closed:
+            raise TransferError("KVSender is closed")
+        num_layers = self._pages.num_layers if num_layers is None else num_layers
+        if not 0 < num_layers <= self._pages.num_layers:
+            raise ValueError(f"num_layers={num_layers} but the cache has {self._pages.num_layers}")
+        with self._lock:
+            pair = self._pairs.setdefault((endpoint, decode_id), _Pair(endpoint, decode_id))
+        h = SendHandle(transfer_id, pair, self._pages.page_set(src_pages), num_layers, self.timeout_s)
+        self._threads.start(self._run, h, f"kv-send-{transfer_id}")
+        return h
+
+    def send_layer(self, handle: SendHandle, layer: int) -> None:
+        """Layer ``layer`` of the source pages is final: queue its sends. Non-blocking; layers go in order."""
+        if layer != handle._next_layer or layer >= handle.num_layers:
+            raise ValueError(f"transfer {handle.transfer_id}: expected layer {handle._next_layer}, got {layer}")
+        handle._next_layer += 1
+        event = None
+        if self._pages.device.type == "cuda":  # the forward wrote the layer on the caller's stream
+            event = torch.cuda.Event()
+            event.record()
+        handle.t_last_layer = time.perf_counter()
+        handle._layers.put((layer, event))
+
+    def finish(self, handle: SendHandle, timeout_s: float) -> TransferResult:
+        """Block until every layer is sent (at most ``timeout_s``); raise ``TransferError`` on failure."""
+        if handle._next_layer < handle.num_layers:
+            raise TransferError(f"transfer {handle.transfer_id}: finish() before layer {handle._next_layer} was sent")
+        return handle.status.wait(timeout_s)
+
+    def poll(self, handle: SendHandle) -> KVPoll:
+        return handle.status.state
+
+    def close(self, join_timeout_s: float = 5.0) -> None:
+        """Forget every pair group, after giving transfers in flight ``join_timeout_s`` to end."""
+        self._closed = True
+        self._threads.join(join_timeout_s)
+        with self._lock:
+            pairs, self._pairs = list(self._pairs.values()), {}
+        for pair in pairs:
+            with pair.lock:
+                if pair.group is not None:
+                    pair.group.mark_broken()
+                pair.group = pair.store = None
+
+    # -- worker thread ---------------------------------------------------------
+    def _run(self, h: SendHandle) -> None:
+        group = result = error = None
+        try:
+            if self._pages.device.type == "cuda":
+                torch.cuda.set_device(self._pages.device)
+            group, seq = self._announce(h)
+            h.status.advance(KVPoll.WAITING)
+            result = self._stream(h, group, seq)
+        except Exception as e:  # every failure after the announcement leaves the group in an unknown state
+            error = f"{type(e).__name__}: {e}"
+            if group is not None:
+                group.mark_broken()
+                if h._pair.group is group:
+                    h._pair.group = None  # the next begin takes a fresh generation
+        group = None  # before signalling: see TransferThreads
+        if result is not None:
+            h.status.succeed(result)
+        else:
+            h.status.fail(error)
+
+    def _announce(self, h: SendHandle) -> tuple[PairGroup, int]:
+        """Tell the receiver about the transfer (and the generation), building the group first if needed."""
+        pair = h._pair
+        # Another transfer may be building the group; that build is bounded by its own deadline, ours by ours.
+        if not pair.lock.acquire(timeout=seconds_left(h.deadline)):
+            raise TransferError(f"the pair group to {pair.decode_id} was not ready within {self.timeout_s}s")
+        try:
+            if self._closed:
+                raise TransferError("KVSender is closed")
+            try:
+                if pair.store is None:
+                    pair.store = connect_store(pair.host, pair.port, seconds_left(h.deadline))
+                fresh = pair.group is None
+                gen = pair.store.add(gen_key(self.worker_id, pair.decode_id), 1) if fresh else pair.group.gen
+                seq = 0 if fresh else pair.group.next_seq
+                ann = Announcement(h.transfer_id, self.worker_id, gen, seq, h.num_layers, len(h.pages),
+                                   self._pages.latent_page_bytes, self._pages.index_page_bytes, self._backend,
+                                   self._ordered)
+                # Announce before building: the receiver joins the group only once it has read this.
+                pair.store.set(announce_key(h.transfer_id), ann.encode())
+                if fresh:
+                    pg, store = build_group(self._backend, pair.host, pair.port,
+                                            group_prefix(self.worker_id, pair.decode_id, gen), SENDER_RANK,
+                                            seconds_left(h.deadline), local_address_towards(pair.host, pair.port))
+                    pair.group = PairGroup(pg, store, gen, self._ordered)
+            except Exception:
+                pair.store = pair.group = None
+                raise
+            pair.group.next_seq = seq + 1
+            return pair.group, seq
+        finally:
+            pair.lock.release()
+
+    def _stream(self, h: SendHandle, group: PairGroup, seq: int) -> TransferResult:
+        """Gather, checksum and send each layer as it is handed over; keep at most a window of layers in flight."""
+        inflight: deque = deque()  # (work, staging buffer or None)
+        crc, last = 0, h.num_layers - 1
+        for _ in range(h.num_layers):
+            try:
+                layer, event = h._layers.get(timeout=seconds_left(h.deadline))
+            except queue.Empty:
+                raise TransferError(f"layer {h._next_layer} was not handed over within {self.timeout_s}s") from None
+            if layer == 0 and group.ordered:
+                group.take_turn(seq, h.deadline)
+            h.status.advance(KVPoll.TRANSFERRING)
+            if event is not None:
+                torch.cuda.current_stream().wait_event(event)
+            while len(inflight) >= 2 * self._window:
+                self._retire(inflight.popleft(), h.deadline)
+            parts = []
+            for part, pool in enumerate(self._pages.parts(layer)):
+                staging = None if h.pages.run_start is not None else self._staging.take(
+                    len(h.pages) * pool.shape[1], pool.device)
+                buf = h.pages.gather(pool, staging)
+                crc = crc32(buf, crc)
+                parts.append([part, buf, staging])
+            if layer == last:
+                self._maybe_corrupt(parts)
+                with group.store_lock:
+                    group.store.set(checksum_key(h.transfer_id), format_checksum(crc))
+            for part, buf, staging in parts:
+                inflight.append((group.pg.send([buf], RECEIVER_RANK, tag(seq, layer, part)), staging))
+            if layer == last and group.ordered:
+                group.pass_turn(seq)
+        while inflight:
+            self._retire(inflight.popleft(), h.deadline)
+        t_done = time.perf_counter()
+        return TransferResult(h.transfer_id, len(h.pages) * self._pages.page_bytes * h.num_layers,
+                              format_checksum(crc), t_done - h.status.t_start, t_done - h.t_last_layer)
+
+    def _retire(self, item, deadline: float) -> None:
+        work, staging = item
+        wait_work(work, deadline)
+        if staging is not None:
+            self._staging.give(staging)
+
+    def _maybe_corrupt(self, parts: list) -> None:
+        if not self._faults_left:
+            return
+        want = 1 if self._fault == "corrupt-index" else 0
+        for p in parts:
+            if p[0] == want:
+                p[1] = p[1].clone()  # never touch the cache itself
+                p[1].view(-1)[0] ^= 0xFF
+                self._faults_left -= 1
