@@ -1,0 +1,64 @@
+"""``dsv32-serve generate``: stream a completion to the terminal.
+
+``--model DIR`` runs the engine in this process; ``--target HOST:PORT`` asks a
+running cluster through the public gRPC API (no torch is imported then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: generation_config.json)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint directory (offline, in this process)")
+    src.add_argument("--target", help="router HOST:PORT of a running cluster")
+    p.add_argument("prompt", help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn (DeepSeek-V3.2 encoding)")
+    p.add_argument("--thinking", action="store_true", help="thinking mode (with --chat)")
+    p.add_argument("--session", default="", help="session id (multi-turn affinity; --target only)")
+    p.add_argument("--numerics", choices=["exact", "fp8"], default="exact")
+    add_sampling_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.target:
+        from dsv32_router.client import stream_generate
+
+        messages = [{"role": "user", "content": args.prompt}] if args.chat else None
+        for delta in stream_generate(args.target, None if args.chat else args.prompt, messages=messages,
+                                     thinking=args.thinking, temperature=args.temperature, top_p=args.top_p,
+                                     top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
+                                     ignore_eos=args.ignore_eos, session_id=args.session):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    from .llm import LLM
+    from .sampling_params import SamplingParams
+
+    llm = LLM(args.model, numerics=args.numerics)
+    sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
+                        seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    prompt = args.prompt
+    if args.chat:
+        from .encoding import render_prompt_ids
+
+        prompt = render_prompt_ids(llm.tokenizer, [{"role": "user", "content": args.prompt}],
+                                   "thinking" if args.thinking else "chat")
+    for delta in llm.stream(prompt, sp):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
