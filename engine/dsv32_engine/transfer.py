@@ -20,15 +20,17 @@ prefill worker             ``KVSender(cache, worker_id)``
 
 A transfer's life (``KVPoll``): BOOTSTRAPPING → WAITING → TRANSFERRING → SUCCESS, or FAILED at any point.
 
-1. The decode worker reserves pages and calls ``expect``; a receiver thread polls
-   its own store for the transfer's announcement.
-2. The prefill worker calls ``begin``; a sender thread connects to that store,
-   takes a fresh *generation* for the pair if it has no live group
-   (``store.add`` on ``pair/{prefill}/{decode}/gen``), writes the announcement
-   ``xfer/{transfer_id}`` = (generation, sequence number on the pair, geometry),
-   then builds the 2-rank group ``pair/{prefill}/{decode}/{gen}/`` (gloo on CPU,
-   NCCL on CUDA) if needed. The receiver reads the announcement and joins the
-   same group (or reuses it). Groups are cached on both sides.
+1. The decode worker reserves pages and calls ``expect``; the transfer waits
+   for its announcement.
+2. The prefill worker calls ``begin``; a sender thread connects to the decode
+   worker's store, takes a fresh *generation* for the pair if it has no live
+   group (``store.add`` on ``pair/{prefill}/{decode}/gen``), pushes the
+   announcement (generation, sequence number on the pair, geometry) onto the
+   store queue ``xfer/announce``, then builds the 2-rank group
+   ``pair/{prefill}/{decode}/{gen}/`` (gloo on CPU, NCCL on CUDA) if needed.
+   The receiver's bootstrap thread, blocked on that queue, hands the
+   announcement to the expecting transfer (or keeps it until ``expect``) and
+   joins a new generation's group at once. Groups are cached on both sides.
 3. Each ``send_layer`` hands a layer to the sender thread, which gathers the
    layer's source pages into one contiguous buffer per pool (latent, indexer),
    extends a crc32 over them and sends them with tag ``(seq, layer, pool)``. The

@@ -8,8 +8,9 @@ All keys live on the decode worker's TCPStore:
   (sender rank 0, receiver rank 1). A prefix is used once: a broken group is
   never rebuilt under the same generation (stale rendezvous keys would point at
   dead sockets).
-* ``xfer/{transfer_id}`` — the sender's announcement (generation, sequence
-  number, geometry); the receiver reads and deletes it.
+* ``xfer/announce`` — a store queue of announcements, one per transfer
+  (generation, sequence number, geometry), pushed by senders before their
+  first send and popped by the receiver's bootstrap thread.
 * ``xfer/{transfer_id}/sum`` — the sender's checksum, set before its last send;
   the receiver compares and deletes it.
 """
@@ -31,6 +32,7 @@ from .transfer_state import TransferError
 SENDER_RANK, RECEIVER_RANK = 0, 1
 LAYER_BITS = 8  # layers per transfer < 256 (DeepSeek-V3.2: 61, +1 MTP)
 SEQ_MOD = 1 << (31 - LAYER_BITS - 1)  # gloo tags are C ints; sequence numbers wrap after ~4M transfers
+ANNOUNCE_QUEUE = "xfer/announce"
 
 
 def tag(seq: int, layer: int, part: int) -> int:
@@ -46,10 +48,6 @@ def gen_key(prefill_id: str, decode_id: str) -> str:
 
 def group_prefix(prefill_id: str, decode_id: str, gen: int) -> str:
     return f"pair/{prefill_id}/{decode_id}/{gen}/"
-
-
-def announce_key(transfer_id: str) -> str:
-    return f"xfer/{transfer_id}"
 
 
 def checksum_key(transfer_id: str) -> str:
@@ -71,11 +69,11 @@ class Announcement:
     backend: str
     ordered: bool
 
-    def encode(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
+    def encode(self) -> str:
+        return json.dumps(asdict(self))
 
     @classmethod
-    def decode(cls, raw: bytes) -> Announcement:
+    def decode(cls, raw: bytes | str) -> Announcement:
         return cls(**json.loads(raw))
 
 

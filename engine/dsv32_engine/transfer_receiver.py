@@ -8,9 +8,10 @@ from collections import deque
 
 import torch
 
+from .transfer_bootstrap import BootstrapQueue
 from .transfer_pages import CachePages, PageSet, StagingPool, crc32, format_checksum
-from .transfer_pair import (SENDER_RANK, Announcement, PairGroup, announce_key, backend_for, build_group,
-                            checksum_key, group_prefix, host_store, seconds_left, tag, wait_work)
+from .transfer_pair import (SENDER_RANK, Announcement, PairGroup, backend_for, build_group, checksum_key,
+                            group_prefix, host_store, seconds_left, tag, wait_work)
 from .transfer_state import KVPoll, TransferError, TransferResult, TransferState, TransferThreads
 
 
@@ -22,6 +23,7 @@ class _Expected:
         self.status = TransferState(transfer_id)
         self.lock = threading.Lock()  # scatter vs release: after release() returns, no page is written
         self.released = False
+        self.claim = None
 
 
 class _Peer:
@@ -53,6 +55,7 @@ class KVReceiver:
         self._lock = threading.Lock()
         self._closed = False
         self._threads = TransferThreads(self)
+        self._bootstrap = BootstrapQueue(self._store, timeout_s, self._on_announcement)
 
     @property
     def endpoint(self) -> str:
@@ -70,6 +73,7 @@ class KVReceiver:
             if transfer_id in self._transfers:
                 raise ValueError(f"transfer {transfer_id} is already expected")
             self._transfers[transfer_id] = t
+        t.claim = self._bootstrap.claim(transfer_id)
         self._threads.start(self._run, t, f"kv-recv-{transfer_id}")
 
     def poll(self, transfer_id: str) -> KVPoll:
@@ -102,6 +106,8 @@ class KVReceiver:
             ids = list(self._transfers)
         for tid in ids:
             self.release(tid)
+        with self._store_lock:
+            self._bootstrap.close(self._store)
         self._threads.join(join_timeout_s)
         for peer in list(self._peers.values()):
             if peer.group is not None:
@@ -144,26 +150,28 @@ class KVReceiver:
             t.status.succeed(TransferResult(t.transfer_id, nbytes, mine, time.perf_counter() - t.status.t_start))
 
     def _await_announcement(self, t: _Expected) -> Announcement:
-        """Poll the store for the sender's announcement (polling keeps the shared store connection unblocked).
+        """The sender's announcement, handed over by the bootstrap thread.
 
         A released transfer keeps waiting: if its sender still sends, the data is drained rather than left
         pending until the sender's wait times out, which would close the pair for every transfer on it.
         """
-        key, delay, polls = announce_key(t.transfer_id), 0.0002, 0
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            polls += 1
-            with self._store_lock:
-                if self._closed:
-                    raise TransferError("receiver closed")
-                if self._store.check([key]):
-                    raw = self._store.get(key)
-                    self._store.delete_key(key)
-                    return Announcement.decode(raw)
-            if time.monotonic() > deadline:
-                raise TransferError(f"no announcement from {t.peer_id} within {self.timeout_s}s ({polls} polls)")
-            time.sleep(delay)
-            delay = min(2 * delay, 0.005)
+        ann = self._bootstrap.wait(t.transfer_id, t.claim, self.timeout_s)
+        if ann is None:
+            raise TransferError("receiver closed" if self._closed else
+                                f"no announcement from {t.peer_id} within {self.timeout_s}s")
+        return ann
+
+    def _on_announcement(self, ann: Announcement) -> None:
+        """Join a new generation's group at once: the sender is waiting for us in its rendezvous."""
+        peer = self._peers.get(ann.prefill_id)
+        if (peer is None or ann.gen > peer.max_gen) and (ann.backend, ann.ordered) == (self._backend, self._ordered):
+            self._threads.start(self._prebuild, ann, f"kv-recv-join-{ann.prefill_id}")
+
+    def _prebuild(self, ann: Announcement) -> None:
+        try:
+            self._group_for(ann, time.monotonic() + self.timeout_s)
+        except Exception:
+            pass  # the transfers that need this group report the failure
 
     def _mismatch(self, t: _Expected, ann: Announcement) -> str | None:
         """Why the announced data cannot go into the expected pages, or None. Raises if it cannot even be drained."""

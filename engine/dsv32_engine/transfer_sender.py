@@ -11,7 +11,7 @@ from collections import deque
 import torch
 
 from .transfer_pages import CachePages, PageSet, StagingPool, crc32, format_checksum
-from .transfer_pair import (RECEIVER_RANK, SENDER_RANK, Announcement, PairGroup, announce_key, backend_for,
+from .transfer_pair import (ANNOUNCE_QUEUE, RECEIVER_RANK, SENDER_RANK, Announcement, PairGroup, backend_for,
                             build_group, checksum_key, connect_store, gen_key, group_prefix, local_address_towards,
                             parse_endpoint, seconds_left, tag, wait_work)
 from .transfer_state import KVPoll, TransferError, TransferResult, TransferState, TransferThreads
@@ -156,7 +156,7 @@ class KVSender:
                                    self._pages.latent_page_bytes, self._pages.index_page_bytes, self._backend,
                                    self._ordered)
                 # Announce before building: the receiver joins the group only once it has read this.
-                pair.store.set(announce_key(h.transfer_id), ann.encode())
+                pair.store.queue_push(ANNOUNCE_QUEUE, ann.encode())
                 if fresh:
                     pg, store = build_group(self._backend, pair.host, pair.port,
                                             group_prefix(self.worker_id, pair.decode_id, gen), SENDER_RANK,
