@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dsv32_router import up
-    from dsv32_router.client import stream_generate
+    from dsv32_router.client import stream_responses
 
     up_parser = argparse.ArgumentParser()
     up.add_arguments(up_parser)
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         stamps, pieces, usage, err = [], [], None, None
         kw = dict(messages=[{"role": "user", "content": text}]) if kind == "chat" else {}
         try:
-            for msg in stream_generate(target, None if kind == "chat" else text, temperature=0.0,
+            for msg in stream_responses(target, None if kind == "chat" else text, temperature=0.0,
                                        max_tokens=args.max_tokens, timeout=120, **kw):
                 if msg.token_ids:
                     stamps += [time.perf_counter() - start] * len(msg.token_ids)
