@@ -56,12 +56,12 @@ from dataclasses import dataclass
 
 import grpc
 
-from dsv32_engine.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
 from dsv32_proto import serving_pb2, worker_pb2
 from dsv32_router import telemetry
 from dsv32_router.directory import WorkerDirectory
 from dsv32_router.policy import NeverFits, NoCapacity, NoWorkers, PairPolicy
 from dsv32_router.state import AsyncClusterState, InvalidTransition, WorkerInfo
+from dsv32_router.stream import TokenStream
 from dsv32_router.validation import ModelSpec, RequestError, ResolvedRequest, Sampling, resolve
 
 log = logging.getLogger(__name__)
@@ -218,18 +218,21 @@ class RequestRun:
     def __init__(self, orch: Orchestrator, req: ResolvedRequest, context):
         self.orch, self.req, self.context = orch, req, context
         self.limits = orch.limits
-        self.generated: list[int] = []
-        self.detok = IncrementalDetokenizer(orch.tokenizer, req.prompt_ids)
-        self.text = ""  # detokenized so far
-        self.sent = 0  # characters of self.text already streamed
-        self.checked = 0  # characters of self.text already searched for stop strings
-        self.finish_reason = ""
+        self.tokens = TokenStream(orch.tokenizer, req, orch.spec.eos_token_id)
         self.t0 = time.monotonic()
         self.ttft: float | None = None
         self.avoid: set[str] = set()
         self.prefill_worker = self.decode_worker = ""
         self._announced = False
         self.attempt = 0
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens.generated
+
+    @property
+    def finish_reason(self) -> str:
+        return self.tokens.finish_reason
 
     @property
     def worker_request_id(self) -> str:
@@ -248,8 +251,8 @@ class RequestRun:
             for attempt in range(1, self.limits.max_attempts + 1):
                 self.attempt = attempt
                 try:
-                    async with aclosing(self._attempt()) as tokens:
-                        async for out in tokens:
+                    async with aclosing(self._attempt()) as msgs:
+                        async for out in msgs:
                             yield out
                     await self._finished()
                     return
@@ -440,46 +443,17 @@ class RequestRun:
 
     # -- streaming ---------------------------------------------------------------
     def _emit(self, tokens) -> serving_pb2.GenerateResponse | None:
-        """Detokenize new tokens, apply stop strings; the next message to send or None."""
-        sp = self.req.sampling
-        ids, logprobs = [], []
-        for t in tokens:
-            if self.finish_reason:
-                break
-            self.generated.append(t.token_id)
-            ids.append(t.token_id)
-            if t.HasField("logprobs"):
-                logprobs.append(t.logprobs)
-            stop_token = t.finished and t.finish_reason == "stop" and (
-                t.token_id in sp.stop_token_ids or (t.token_id == self.orch.spec.eos_token_id and not sp.ignore_eos))
-            if not stop_token:  # the EOS / stop token is not part of the text
-                self.text += self.detok.add(t.token_id)
-            if t.finished:
-                self.finish_reason = t.finish_reason or "stop"
-        if self.finish_reason:
-            self.text += self.detok.flush()
-        end = len(self.text)
-        if sp.stop:
-            hit = find_stop(self.text, sp.stop, start=self.checked)
-            if hit is not None:
-                end, self.finish_reason = hit, "stop"
-            elif not self.finish_reason:
-                end -= partial_stop_len(self.text, sp.stop)
-            self.checked = len(self.text)
-        delta = self.text[self.sent:end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        if not ids and not delta and not self.finish_reason:
+        """The next message for the client (None if nothing to say yet), with timing and usage."""
+        out = self.tokens.push(tokens)
+        if out is None:
             return None
-        out = serving_pb2.GenerateResponse(request_id=self.req.request_id, text=delta, token_ids=ids,
-                                           logprobs=logprobs)
-        if self.ttft is None and ids:
+        if self.ttft is None and out.token_ids:
             self.ttft = time.monotonic() - self.t0
             telemetry.TTFT.observe(self.ttft)
         if not self._announced:
             self._announced = True
             out.prefill_worker, out.decode_worker = self.prefill_worker, self.decode_worker
-        if self.finish_reason:
-            out.finish_reason = self.finish_reason
+        if out.finish_reason:
             out.usage.CopyFrom(serving_pb2.Usage(prompt_tokens=len(self.req.prompt_ids),
                                                  completion_tokens=len(self.generated),
                                                  time_to_first_token_s=self.ttft or 0.0,
