@@ -18,8 +18,8 @@ import grpc
 
 from dsv32_decode.queues import Admission, PreallocQueue, RunningBatch
 from dsv32_proto import worker_pb2, worker_pb2_grpc
-from dsv32_router.worker_process import (add_engine_arguments, engine_params, env, make_engine, serve_worker,
-                                         step_output, token_pb)
+from dsv32_router.worker_process import (add_engine_arguments, advertised_host, engine_params, env, make_engine,
+                                         serve_worker, step_output, token_pb)
 
 log = logging.getLogger("dsv32_decode")
 
@@ -39,6 +39,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.batch = RunningBatch(engine, self.lock, on_leave=lambda rid: self.prealloc.drop(rid, free_pages=False))
         self.counters = {"bytes_received": 0, "checksum_failures": 0}
         self.accepting = True
+        self.transfer_endpoint = receiver.endpoint  # what prefill workers dial (run() may advertise another host)
 
     # -- reserve -----------------------------------------------------------------
     def Reserve(self, request, context):
@@ -63,7 +64,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, f"KV receiver refused the transfer: {e}")
         layout, layers = self.engine.layout, len(self.engine.cache.latent)
         return worker_pb2.ReserveResponse(
-            decode_worker_id=self.worker_id, transfer_endpoint=self.receiver.endpoint, transfer_id=tid,
+            decode_worker_id=self.worker_id, transfer_endpoint=self.transfer_endpoint, transfer_id=tid,
             page_ids=res.page_ids, page_size=layout.page_size,
             expected_bytes=len(res.page_ids) * layers * self.page_bytes())
 
@@ -207,10 +208,11 @@ def run(args: argparse.Namespace) -> int:
     args.worker_id = worker_id
     receiver = KVReceiver(engine.cache, args.host, args.transfer_port, worker_id, args.transfer_timeout)
     svc = DecodeService(worker_id, engine, receiver, args.transfer_timeout)
+    svc.transfer_endpoint = f"{advertised_host(args)}:{receiver.port}"
     svc.batch.start()
     server, hs, hb, stop, _ = serve_worker("decode", args, svc, worker_pb2_grpc.add_DecodeWorkerServicer_to_server,
                                            svc.report, max_threads=2 * args.max_num_seqs + 16,
-                                           transfer_endpoint=receiver.endpoint)
+                                           transfer_endpoint=svc.transfer_endpoint)
     svc.prealloc.on_change = hb.poke
     while not stop.wait(0.5):
         svc.prealloc.expire()

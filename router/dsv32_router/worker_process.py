@@ -40,7 +40,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="cache pages of this worker's pool (default: the engine's budget)")
     p.add_argument("--max-num-seqs", type=int, default=int(env("max_num_seqs", "64")))
     p.add_argument("--max-num-batched-tokens", type=int, default=int(env("max_num_batched_tokens", "2048")))
-    p.add_argument("--host", default=env("host", "127.0.0.1"), help="address to bind and advertise")
+    p.add_argument("--host", default=env("host", "127.0.0.1"), help="address to bind [DSV32_HOST]")
+    p.add_argument("--advertise-host", default=env("advertise_host"),
+                   help="address others use to reach this worker (default: --host, or this host's name "
+                        "when --host is a wildcard) [DSV32_ADVERTISE_HOST]")
     p.add_argument("--port", type=int, default=int(env("port", "0")), help="gRPC port (0 = any free port)")
     p.add_argument("--worker-id", default=env("worker_id"), help="default: ROLE-HOST-PID")
     p.add_argument("--redis-url", default=env("redis_url", "redis://127.0.0.1:6379/0"))
@@ -95,6 +98,14 @@ def step_output(request_id: str, tok: worker_pb2.Token):
                       tok.finished, tok.finish_reason or None)
 
 
+def advertised_host(args) -> str:
+    if args.advertise_host:
+        return args.advertise_host
+    if args.host in ("", "0.0.0.0", "::", "[::]"):
+        return socket.getfqdn()
+    return args.host
+
+
 def serve_worker(role: str, args, servicer, add_to_server, report, max_threads: int, transfer_endpoint: str = ""):
     """Shared by both roles: gRPC server, health, registration, signals, lease reaper hook."""
     tracing = telemetry.setup_tracing(f"dsv32-{role}", args.otel_exporter)
@@ -112,7 +123,7 @@ def serve_worker(role: str, args, servicer, add_to_server, report, max_threads: 
     telemetry.start_metrics(args.metrics_port, args.host)
     hs.set("", health_pb2.HealthCheckResponse.SERVING)
     state = ClusterState.from_url(args.redis_url, args.redis_prefix)
-    info = WorkerInfo(worker_id, role, f"{args.host}:{port}", transfer_endpoint=transfer_endpoint,
+    info = WorkerInfo(worker_id, role, f"{advertised_host(args)}:{port}", transfer_endpoint=transfer_endpoint,
                       model=os.path.basename(os.path.abspath(args.model)))
     stop = threading.Event()
     hb = Heartbeat(state, info, report, args.heartbeat_interval, watch_parent=args.exit_with_parent)
