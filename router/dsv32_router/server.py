@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, default=int(env("max_waiting", "256")))
     p.add_argument("--admission-timeout", type=float, default=float(env("admission_timeout", "10")))
     p.add_argument("--max-attempts", type=int, default=int(env("max_attempts", "3")))
+    p.add_argument("--default-max-tokens", type=int, default=int(env("default_max_tokens", "0")),
+                   help="max_tokens of requests that set none (0 = the rest of the context)")
     p.add_argument("--ready-file", default=env("ready_file"),
                    help="write HOST:PORT here once serving (used by `dsv32-serve up`)")
     p.add_argument("--otel-exporter", default=env("otel_exporter", "none"), choices=telemetry.EXPORTERS)
@@ -97,7 +99,8 @@ class Router:
 
         self.args = args
         self.tracing = telemetry.setup_tracing("dsv32-router", args.otel_exporter)
-        self.spec = ModelSpec.from_checkpoint(args.model, args.served_model_name, args.numerics)
+        self.spec = ModelSpec.from_checkpoint(args.model, args.served_model_name, args.numerics,
+                                              args.default_max_tokens)
         self.tokenizer = load_tokenizer(args.model)
         self.router_id = f"router-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.limits = RouterLimits(max_inflight=args.max_inflight, max_waiting=args.max_waiting,

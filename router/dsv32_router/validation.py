@@ -54,9 +54,14 @@ class ModelSpec:
     eos_token_id: int = 1
     default_temperature: float = 1.0
     default_top_p: float = 0.95
+    default_max_tokens: int = 0
+    """For requests that set no max_tokens; 0 = the rest of the context. Decode
+    workers commit cache pages for prompt + max_tokens, so this bounds how many
+    such requests a worker admits at once."""
 
     @classmethod
-    def from_checkpoint(cls, model_dir: str, name: str | None = None, numerics: str = "exact") -> ModelSpec:
+    def from_checkpoint(cls, model_dir: str, name: str | None = None, numerics: str = "exact",
+                        default_max_tokens: int = 0) -> ModelSpec:
         d = Path(model_dir)
         cfg = json.loads((d / "config.json").read_text())
         gen_path = d / "generation_config.json"
@@ -65,7 +70,8 @@ class ModelSpec:
         return cls(name=name or d.resolve().name, max_model_len=int(cfg.get("max_position_embeddings", 163840)),
                    vocab_size=int(cfg["vocab_size"]), numerics=numerics,
                    eos_token_id=int(eos[0] if isinstance(eos, list) else eos),
-                   default_temperature=float(gen.get("temperature", 1.0)), default_top_p=float(gen.get("top_p", 0.95)))
+                   default_temperature=float(gen.get("temperature", 1.0)), default_top_p=float(gen.get("top_p", 0.95)),
+                   default_max_tokens=default_max_tokens)
 
 
 @dataclass
@@ -171,7 +177,7 @@ def _sampling(sp: serving_pb2.SamplingParams, spec: ModelSpec, prompt_len: int) 
             raise invalid("sampling.max_tokens", f"{max_tokens} does not fit: the prompt has {prompt_len} tokens "
                           f"and the context {spec.max_model_len}, so at most {room}")
     else:
-        max_tokens = room
+        max_tokens = min(room, spec.default_max_tokens) if spec.default_max_tokens > 0 else room
     if sp.logprobs > MAX_LOGPROBS:
         raise invalid("sampling.logprobs", f"at most {MAX_LOGPROBS}, got {sp.logprobs}")
     if len(sp.stop) > MAX_STOP_STRINGS:
