@@ -65,3 +65,19 @@ def test_up_with_an_external_redis_then_sigkill_leaves_no_orphans(tiny_model, re
         for p in _descendants(proc.pid):
             os.kill(p, signal.SIGKILL)
         state.client.close()
+
+
+def test_a_wrapped_program_dies_with_its_parent(tmp_path):
+    # what `up` does for redis-server: the parent is SIGKILLed, the child gets SIGTERM from the kernel
+    code = ("import sys, time; from dsv32_router.redis_server import RedisServer; "
+            f"r = RedisServer(workdir={str(tmp_path)!r}, die_with_parent=True).start(); "
+            "print(r.proc.pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    assert _alive(child) and "redis-server" in open(f"/proc/{child}/cmdline").read()
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)

@@ -18,6 +18,7 @@ import grpc
 
 from dsv32_decode.queues import Admission, PreallocQueue, RunningBatch
 from dsv32_proto import worker_pb2, worker_pb2_grpc
+from dsv32_router.parent import die_with_parent
 from dsv32_router.worker_process import (add_engine_arguments, advertised_host, engine_params, env, make_engine,
                                          serve_worker, step_output, token_pb)
 
@@ -200,6 +201,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
 
 
 def run(args: argparse.Namespace) -> int:
+    die_with_parent()  # started by `up`: go when it goes
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from dsv32_engine.transfer import KVReceiver
 

@@ -15,6 +15,7 @@ import grpc
 from dsv32_router.worker_process import add_engine_arguments, engine_params, env, make_engine, serve_worker, token_pb
 from dsv32_prefill.scheduler import PrefillJob, PrefillScheduler, QueueFull
 from dsv32_proto import worker_pb2, worker_pb2_grpc
+from dsv32_router.parent import die_with_parent
 
 log = logging.getLogger("dsv32_prefill")
 
@@ -98,6 +99,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
 
 
 def run(args: argparse.Namespace) -> int:
+    die_with_parent()  # started by `up`: go when it goes
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from dsv32_engine.transfer import KVSender
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import redis
 
+from dsv32_router import parent
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (callers retry if they lose the race)."""
@@ -29,13 +31,13 @@ class RedisServer:
     """A ``redis-server`` child process on a free loopback port, in a temp dir."""
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None, workdir: str | None = None,
-                 start_new_session: bool = True, preexec_fn=None):
+                 start_new_session: bool = True, die_with_parent: bool = False):
         self.host, self.port = host, port
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dsv32-redis-"))
         self.proc: subprocess.Popen | None = None
         self._start_new_session = start_new_session
-        self._preexec_fn = preexec_fn
+        self._die_with_parent = die_with_parent
 
     @property
     def url(self) -> str:
@@ -50,11 +52,12 @@ class RedisServer:
             if not fixed:
                 self.port = free_port(self.host)
             log = open(self.workdir / "redis.log", "ab")
-            self.proc = subprocess.Popen(
-                [exe, "--daemonize", "no", "--bind", self.host, "--port", str(self.port), "--save", "",
-                 "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=self._start_new_session, preexec_fn=self._preexec_fn)
+            argv = [exe, "--daemonize", "no", "--bind", self.host, "--port", str(self.port), "--save", "",
+                    "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no"]
+            if self._die_with_parent:
+                argv = parent.wrap(argv)
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=self._start_new_session)
             log.close()
             if self._wait_ready(timeout_s):
                 return self

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from dsv32_proto import serving_pb2, serving_pb2_grpc
 from dsv32_router import telemetry
 from dsv32_router.directory import WorkerDirectory
+from dsv32_router.parent import die_with_parent
 from dsv32_router.orchestrator import Orchestrator, RouterLimits
 from dsv32_router.state import DEFAULT_PREFIX, AsyncClusterState
 from dsv32_router.validation import ModelSpec, RequestError
@@ -178,6 +179,7 @@ class Router:
 
 
 def run(args: argparse.Namespace) -> int:
+    die_with_parent()  # started by `up`: go when it goes
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     asyncio.run(Router(args).serve())
     return 0

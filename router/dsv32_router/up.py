@@ -8,8 +8,8 @@ health check with ``SERVING``, prints ``ready HOST:PORT`` (the router's
 endpoint) on stdout.
 
 No orphans: every child runs in its own session (so its process group can be
-signalled as a whole) with ``PR_SET_PDEATHSIG`` = SIGTERM (so it dies with
-``up`` even if ``up`` is killed with SIGKILL). Ctrl-C or SIGTERM stops the
+signalled as a whole) and asks for SIGTERM when ``up`` dies, even by SIGKILL
+(``PR_SET_PDEATHSIG``, see :mod:`dsv32_router.parent`). Ctrl-C or SIGTERM stops the
 router, then the workers (they deregister), then Redis: SIGTERM to each
 process group, SIGKILL to whatever is left after ``--grace`` seconds. If a
 child dies on its own, ``up`` stops the rest and exits non-zero, printing the
@@ -19,7 +19,6 @@ tail of its log. Logs go to ``--log-dir`` (a temporary directory by default).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import subprocess
@@ -33,18 +32,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dsv32_router import parent
 from dsv32_router.redis_server import RedisServer
 from dsv32_router.state import DEFAULT_PREFIX, ClusterState
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     e = os.environ.get
@@ -94,12 +84,11 @@ class Cluster:
     # -- starting --------------------------------------------------------------------
     def spawn(self, name: str, argv: list[str]) -> Child:
         log = self.log_dir / f"{name}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", parent.ENV: str(os.getpid())}
         env.setdefault("OMP_NUM_THREADS", "1")
         with open(log, "ab") as f:
             proc = subprocess.Popen([sys.executable, "-m", "dsv32_engine.cli", *argv], stdout=f, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
+                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         child = Child(name, proc, log)
         self.children.append(child)
         return child
@@ -110,8 +99,7 @@ class Cluster:
         if a.redis_url:
             redis_url, suffix = a.redis_url, "-" + uuid.uuid4().hex[:4]
         else:
-            self.redis = RedisServer(host="127.0.0.1", workdir=str(self.log_dir / "redis"),
-                                     preexec_fn=_die_with_parent)
+            self.redis = RedisServer(host="127.0.0.1", workdir=str(self.log_dir / "redis"), die_with_parent=True)
             (self.log_dir / "redis").mkdir(exist_ok=True)
             redis_url, suffix = self.redis.start().url, ""
         common = ["--model", model, "--redis-url", redis_url, "--redis-prefix", a.redis_prefix, "--host", a.host,
