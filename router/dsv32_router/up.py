@@ -14,6 +14,8 @@ router, then the workers (they deregister), then Redis: SIGTERM to each
 process group, SIGKILL to whatever is left after ``--grace`` seconds. If a
 child dies on its own, ``up`` stops the rest and exits non-zero, printing the
 tail of its log. Logs go to ``--log-dir`` (a temporary directory by default).
+
+From Python: ``with local_cluster(model, prefill=1, decode=1) as target: ...``.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -203,6 +207,27 @@ def ensure_model(model: str | None) -> str:
         subprocess.run([sys.executable, "-m", "dsv32_engine.cli", "make-checkpoint", "--preset", "tiny",
                         "--out", str(default)], check=True)
     return str(default)
+
+
+@contextmanager
+def local_cluster(model: str | None = None, *, prefill: int = 1, decode: int = 1, port: int = 0,
+                  **options) -> Iterator[str]:
+    """The cluster of ``dsv32-serve up`` from Python: yields the router's ``HOST:PORT`` once
+    ready and stops every process on exit. ``options``: the other ``up`` flags by
+    their dest names (``redis_url``, ``num_pages``, ``log_dir``, ``ready_timeout``...)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([])
+    unknown = set(options) - set(vars(args))
+    if unknown:
+        raise TypeError(f"unknown up option(s): {', '.join(sorted(unknown))}")
+    for k, v in dict(options, model=model, prefill=prefill, decode=decode, port=port).items():
+        setattr(args, k, v)
+    cluster = Cluster(args)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
 
 
 def run(args: argparse.Namespace) -> int:
