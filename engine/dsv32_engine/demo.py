@@ -33,11 +33,6 @@ def run(args: argparse.Namespace) -> int:
     from dsv32_router import up
     from dsv32_router.client import stream_responses
 
-    up_parser = argparse.ArgumentParser()
-    up.add_arguments(up_parser)
-    up_args = up_parser.parse_args(["--port", "0", "--prefill", str(args.prefill), "--decode", str(args.decode)]
-                                   + (["--model", args.model] if args.model else []))
-    cluster = up.Cluster(up_args)
     lock = threading.Lock()
     results: dict[int, dict] = {}
 
@@ -59,16 +54,13 @@ def run(args: argparse.Namespace) -> int:
             err = str(e)
         results[i] = dict(text="".join(pieces), stamps=stamps, usage=usage, err=err, kind=kind, prompt=text)
 
-    try:
-        target = cluster.start()
+    with up.local_cluster(args.model, prefill=args.prefill, decode=args.decode) as target:
         print(f"ready {target}", flush=True)
         threads = [threading.Thread(target=one, args=(i, k, t, target)) for i, (k, t) in enumerate(PROMPTS)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-    finally:
-        cluster.stop()
     print("\n| req | input | TTFT ms | TPOT ms | tokens | finish |\n|---|---|---|---|---|---|")
     failed = 0
     for i in sorted(results):
