@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-import zlib
 
 import pytest
 import torch
 
 from dsv32_engine.transfer import KVPoll, KVReceiver, KVSender, TransferError, cache_checksum
-from dsv32_engine.transfer_pair import SEQ_MOD, Announcement, tag
+from dsv32_engine.transfer_pages import Checksum
+from dsv32_engine.transfer_pair import SEQ_MOD, Announcement, chunk_ranges, pages_per_chunk, tag
 from test_transfer import assert_landed, assert_zero_except, make_cache
 
 pytestmark = pytest.mark.timeout(60)
@@ -34,42 +34,73 @@ def pair(request):
     rx.close()
 
 
-def test_tags_are_distinct_per_transfer_layer_and_pool_and_fit_a_c_int():
-    tags = {tag(seq, layer, part) for seq in range(40) for layer in range(62) for part in (0, 1)}
-    assert len(tags) == 40 * 62 * 2
-    assert max(tag(SEQ_MOD - 1, 255, 1), tag(10**9, 255, 1)) < 2**31
-    with pytest.raises(ValueError):
-        tag(0, 256, 0)
+def test_tags_are_distinct_per_transfer_layer_pool_and_chunk_and_fit_a_c_int():
+    tags = {tag(seq, layer, part, chunk) for seq in range(12) for layer in range(62) for part in (0, 1)
+            for chunk in (0, 1, 7, 255)}
+    assert len(tags) == 12 * 62 * 2 * 4
+    assert max(tag(SEQ_MOD - 1, 255, 1, 255), tag(10**9, 255, 1, 255)) < 2**31
+    assert tag(SEQ_MOD + 3, 1, 0, 2) == tag(3, 1, 0, 2)  # sequence numbers wrap
+    for bad in ((0, 256, 0, 0), (0, 0, 2, 0), (0, 0, 0, 256)):
+        with pytest.raises(ValueError):
+            tag(*bad)
+
+
+def test_chunking_covers_every_page_once_in_at_most_256_messages():
+    assert chunk_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert pages_per_chunk(16, 41984, 2 << 20) == 49
+    big = pages_per_chunk(100_000, 41984, 2 << 20)
+    assert len(chunk_ranges(100_000, big)) <= 256
 
 
 def test_announcement_roundtrip():
-    ann = Announcement("t", "prefill-0", 3, 7, 61, 12, 41984, 8448, "gloo", False)
+    ann = Announcement("t", "prefill-0", 3, 7, 61, 12, 41984, 8448, "gloo", False, 49)
     assert Announcement.decode(ann.encode()) == ann
 
 
-def test_checksum_is_crc32_of_the_page_bytes_in_layer_order():
+def test_checksum_sees_any_change_order_or_missing_part():
     cache = make_cache("exact", 2, 4, seed=1, dtype=torch.bfloat16)
-    crc = 0
-    for layer in range(2):
-        for pool in (cache.latent[layer], cache.index[layer]):
-            crc = zlib.crc32(pool[[2, 0]].contiguous().view(torch.uint8).numpy(), crc)
-    assert cache_checksum(cache, [2, 0]) == f"crc32:{crc:08x}"
+    base = cache_checksum(cache, [2, 0])
+    assert base == cache_checksum(cache, [2, 0]) and base.startswith("kv1:")
+    assert base != cache_checksum(cache, [0, 2])  # pages out of place
+    assert base != cache_checksum(cache, [2, 0], num_layers=1)
+
+    def changed(edit) -> str:
+        c = make_cache("exact", 2, 4, seed=1, dtype=torch.bfloat16)
+        edit(c.index[1][2].view(torch.uint8).view(-1))  # the indexer page of the last layer
+        return cache_checksum(c, [2, 0])
+
+    def swap_words(b):
+        first = b[:8].clone()
+        b[:8] = b[8:16]
+        b[8:16] = first
+
+    assert changed(lambda b: b.__setitem__(5, b[5] ^ 1)) != base  # one bit
+    assert changed(swap_words) != base  # a permutation within a page keeps a plain sum
+    assert changed(lambda b: b.zero_()) != base  # a missing indexer page
+    ck = Checksum()
+    ck.update(torch.zeros(2, 16, dtype=torch.uint8))
+    other = Checksum()
+    other.update(torch.zeros(1, 16, dtype=torch.uint8))
+    assert ck.hexdigest() != other.hexdigest()  # page count counts, even for zero pages
 
 
-@pytest.mark.parametrize("window", [1, 3])
-def test_bf16_without_indexer_and_small_windows(window):
+@pytest.mark.parametrize("window,chunk_pages", [(1, 1), (3, 2), (4, 64)])
+def test_bf16_without_indexer_small_windows_and_chunks(window, chunk_pages):
     """Exact bf16 pools travel as bytes; an empty index pool (no indexer) sends nothing for it."""
-    src = make_cache("exact", 6, 5, seed=2, dtype=torch.bfloat16, with_index=False)
-    dst = make_cache("exact", 6, 5, seed=None, dtype=torch.bfloat16, with_index=False)
+    src = make_cache("exact", 6, 8, seed=2, dtype=torch.bfloat16, with_index=False)
+    dst = make_cache("exact", 6, 8, seed=None, dtype=torch.bfloat16, with_index=False)
     rx = KVReceiver(dst, "127.0.0.1", 0, "decode-0", timeout_s=10, window_layers=window)
-    tx = KVSender(src, "prefill-0", timeout_s=10, window_layers=window)
+    tx = KVSender(src, "prefill-0", timeout_s=10, window_layers=window,
+                  chunk_bytes=chunk_pages * src.layout.latent_page_bytes)
+    src_pages, dst_pages = [1, 3, 4, 5, 0], [6, 7, 2, 0, 5]
     try:
-        rx.expect("t", "prefill-0", [4, 0])
-        sent = tx.finish(send_all(tx, "t", rx, [1, 3]), 10)
+        rx.expect("t", "prefill-0", dst_pages)
+        sent = tx.finish(send_all(tx, "t", rx, src_pages), 10)
         got = rx.wait("t", 10)
-        assert sent.num_bytes == got.num_bytes == 2 * src.layout.latent_page_bytes * 6
-        assert sent.checksum == got.checksum == cache_checksum(src, [1, 3])
-        assert_landed(src, [1, 3], dst, [4, 0])
+        assert sent.num_bytes == got.num_bytes == len(src_pages) * src.layout.latent_page_bytes * 6
+        assert sent.checksum == got.checksum == cache_checksum(src, src_pages)
+        assert_landed(src, src_pages, dst, dst_pages)
+        assert_zero_except(dst, set(dst_pages))
     finally:
         tx.close()
         rx.close()

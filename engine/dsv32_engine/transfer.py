@@ -33,7 +33,7 @@ A transfer's life (``KVPoll``): BOOTSTRAPPING → WAITING → TRANSFERRING → S
    joins a new generation's group at once. Groups are cached on both sides.
 3. Each ``send_layer`` hands a layer to the sender thread, which gathers the
    layer's source pages into one contiguous buffer per pool (latent, indexer),
-   extends a crc32 over them and sends them with tag ``(seq, layer, pool)``. The
+   extends a running checksum over them and sends them with tag ``(seq, layer, pool)``. The
    receiver keeps receives posted a window of layers ahead, checksums each
    layer and scatters it into the destination pages.
 4. Before its last send the sender publishes its checksum

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 
-from .transfer_pages import CachePages, crc32, format_checksum
+from .transfer_pages import CachePages, Checksum
 from .transfer_state import KVPoll, TransferError, TransferResult, TransferState
 
 
@@ -57,7 +57,7 @@ class _Incoming:
         self.num_layers = 0
         self.deadline = 0.0
         self.parked: list[tuple[str, int, list]] = []  # (sender id, layer, [bytes per pool]) before expect
-        self.crc, self.next_layer, self.sender_sum = 0, 0, None
+        self.checksum, self.next_layer, self.sender_sum = Checksum(), 0, None
 
 
 class FakeKVReceiver:
@@ -128,11 +128,11 @@ class FakeKVReceiver:
             return
         t.status.advance(KVPoll.TRANSFERRING)
         for pool, blob in zip(self._pages.parts(layer), blobs):
-            t.crc = crc32(blob, t.crc)
+            t.checksum.update(blob)
             t.pages.scatter(pool, blob)
         t.next_layer += 1
         if t.next_layer == t.num_layers:
-            mine = format_checksum(t.crc)
+            mine = t.checksum.hexdigest()
             if t.sender_sum != mine:
                 t.status.fail(f"checksum mismatch: sender {t.sender_sum}, receiver {mine}")
             else:
@@ -146,7 +146,7 @@ class FakeSendHandle:
         self.transfer_id, self.receiver, self.pages, self.num_layers = transfer_id, receiver, pages, num_layers
         self.status = TransferState(transfer_id)
         self.status.advance(KVPoll.WAITING)
-        self.crc, self.next_layer = 0, 0
+        self.checksum, self.next_layer = Checksum(), 0
 
 
 class FakeKVSender:
@@ -174,7 +174,7 @@ class FakeKVSender:
         handle.status.advance(KVPoll.TRANSFERRING)
         blobs = [pool[handle.pages.ids_tensor].clone() for pool in self._pages.parts(layer)]
         for blob in blobs:
-            handle.crc = crc32(blob, handle.crc)
+            handle.checksum.update(blob)
         last = layer == handle.num_layers - 1
         if last and self._faults_left:
             self._faults_left -= 1
@@ -182,10 +182,10 @@ class FakeKVSender:
         handle.next_layer += 1
         with self._hub.lock:
             handle.receiver.deliver(handle.transfer_id, self.worker_id, layer, blobs,
-                                    format_checksum(handle.crc) if last else None)
+                                    handle.checksum.hexdigest() if last else None)
         if last:
             nbytes = len(handle.pages) * self._pages.page_bytes * handle.num_layers
-            handle.status.succeed(TransferResult(handle.transfer_id, nbytes, format_checksum(handle.crc),
+            handle.status.succeed(TransferResult(handle.transfer_id, nbytes, handle.checksum.hexdigest(),
                                                  time.perf_counter() - handle.status.t_start))
 
     def finish(self, handle: FakeSendHandle, timeout_s: float) -> TransferResult:

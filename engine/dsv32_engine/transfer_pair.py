@@ -30,16 +30,28 @@ import torch.distributed as dist
 from .transfer_state import TransferError
 
 SENDER_RANK, RECEIVER_RANK = 0, 1
-LAYER_BITS = 8  # layers per transfer < 256 (DeepSeek-V3.2: 61, +1 MTP)
-SEQ_MOD = 1 << (31 - LAYER_BITS - 1)  # gloo tags are C ints; sequence numbers wrap after ~4M transfers
+LAYER_BITS, CHUNK_BITS = 8, 8  # < 256 layers (DeepSeek-V3.2: 61, +1 MTP), < 256 chunks a pool a layer
+SEQ_BITS = 31 - LAYER_BITS - 1 - CHUNK_BITS  # gloo tags are C ints
+SEQ_MOD = 1 << SEQ_BITS  # sequence numbers wrap after 16384 transfers on a pair (far more than can be in flight)
+MAX_CHUNKS = 1 << CHUNK_BITS
 ANNOUNCE_QUEUE = "xfer/announce"
 
 
-def tag(seq: int, layer: int, part: int) -> int:
-    """The gloo tag of one buffer: distinct for every (transfer on the pair, layer, pool) in flight."""
-    if not 0 <= layer < (1 << LAYER_BITS) or part not in (0, 1):
-        raise ValueError(f"layer {layer} / part {part} out of the tag range")
-    return ((seq % SEQ_MOD) << (LAYER_BITS + 1)) | (layer << 1) | part
+def tag(seq: int, layer: int, part: int, chunk: int = 0) -> int:
+    """The gloo tag of one message: distinct for every (transfer in flight on the pair, layer, pool, chunk)."""
+    if not (0 <= layer < (1 << LAYER_BITS) and part in (0, 1) and 0 <= chunk < MAX_CHUNKS):
+        raise ValueError(f"layer {layer} / part {part} / chunk {chunk} out of the tag range")
+    return (((((seq % SEQ_MOD) << LAYER_BITS) | layer) << 1 | part) << CHUNK_BITS) | chunk
+
+
+def chunk_ranges(num_pages: int, chunk_pages: int) -> list[tuple[int, int]]:
+    """Page ranges ``[a, b)`` of the messages one pool of one layer is cut into."""
+    return [(a, min(a + chunk_pages, num_pages)) for a in range(0, num_pages, chunk_pages)]
+
+
+def pages_per_chunk(num_pages: int, page_bytes: int, chunk_bytes: int) -> int:
+    """Pages a message: about ``chunk_bytes`` (so that checksum and copies run on cache-hot data)."""
+    return max(1, chunk_bytes // max(page_bytes, 1), -(-num_pages // MAX_CHUNKS))
 
 
 def gen_key(prefill_id: str, decode_id: str) -> str:
@@ -68,6 +80,7 @@ class Announcement:
     index_page_bytes: int
     backend: str
     ordered: bool
+    chunk_pages: int
 
     def encode(self) -> str:
         return json.dumps(asdict(self))

@@ -9,9 +9,9 @@ from collections import deque
 import torch
 
 from .transfer_bootstrap import BootstrapQueue
-from .transfer_pages import CachePages, PageSet, StagingPool, crc32, format_checksum
+from .transfer_pages import CachePages, Checksum, PageSet, StagingPool
 from .transfer_pair import (SENDER_RANK, Announcement, PairGroup, backend_for, build_group, checksum_key,
-                            group_prefix, host_store, seconds_left, tag, wait_work)
+                            chunk_ranges, group_prefix, host_store, seconds_left, tag, wait_work)
 from .transfer_state import KVPoll, TransferError, TransferResult, TransferState, TransferThreads
 
 
@@ -21,7 +21,9 @@ class _Expected:
     def __init__(self, transfer_id: str, peer_id: str, pages: PageSet, num_layers: int):
         self.transfer_id, self.peer_id, self.pages, self.num_layers = transfer_id, peer_id, pages, num_layers
         self.status = TransferState(transfer_id)
-        self.lock = threading.Lock()  # scatter vs release: after release() returns, no page is written
+        # Guards writes to the pages against release(): after release() returns, no page is written.
+        # (So data always lands in staging buffers first: a receive posted into the pages could not be recalled.)
+        self.lock = threading.Lock()
         self.released = False
         self.claim = None
 
@@ -84,7 +86,7 @@ class KVReceiver:
         return self._get(transfer_id).status.wait(timeout_s)
 
     def release(self, transfer_id: str) -> None:
-        """Forget a transfer. If it is still in flight, its remaining data is drained, not written to the pages."""
+        """Forget a transfer; from the return on, nothing writes to its pages. Data still in flight is drained."""
         with self._lock:
             t = self._transfers.pop(transfer_id, None)
         if t is not None:
@@ -133,8 +135,7 @@ class KVReceiver:
             problem = self._mismatch(t, ann)
             group = self._group_for(ann, deadline)
             t.status.advance(KVPoll.WAITING)
-            crc, sender_sum = self._receive(t, ann, group, write=problem is None, deadline=deadline)
-            mine = format_checksum(crc)
+            mine, sender_sum = self._receive(t, ann, group, write=problem is None, deadline=deadline)
             if not problem and sender_sum != mine:
                 problem = (f"checksum mismatch: sender {sender_sum}, receiver {mine} "
                            "(latent or indexer pages corrupted or missing)")
@@ -204,17 +205,22 @@ class KVReceiver:
             return peer.group
 
     def _receive(self, t: _Expected, ann: Announcement, group: PairGroup, write: bool, deadline: float):
-        """Post receives a window of layers ahead; checksum and scatter each layer in order as it lands."""
-        sizes = [ann.num_pages * ann.latent_page_bytes, ann.num_pages * ann.index_page_bytes]
+        """Post receives a window of layers ahead; checksum and place each chunk as it lands, in order.
+
+        Each chunk lands in a staging buffer and is checksummed and scattered while still in cache.
+        """
+        ranges = chunk_ranges(ann.num_pages, ann.chunk_pages)
+        chunks = t.pages.chunks(ranges) if write else None
+        page_bytes = [b for b in (ann.latent_page_bytes, ann.index_page_bytes) if b]
         posted: deque = deque()
 
         def post(layer: int) -> None:
             ops = []
-            for part, nbytes in enumerate(sizes):
-                if nbytes:
-                    base = self._staging.take(nbytes, self._pages.device)
-                    buf = base[:nbytes]
-                    ops.append((part, group.pg.recv([buf], SENDER_RANK, tag(ann.seq, layer, part)), base, buf))
+            for part, nbytes in enumerate(page_bytes):
+                for c, (a, b) in enumerate(ranges):
+                    base = self._staging.take((b - a) * nbytes, self._pages.device)
+                    buf = base[: (b - a) * nbytes].view(b - a, nbytes)
+                    ops.append((part, c, group.pg.recv([buf], SENDER_RANK, tag(ann.seq, layer, part, c)), base, buf))
             posted.append(ops)
             if layer == ann.num_layers - 1 and group.ordered:
                 group.pass_turn(ann.seq)
@@ -223,19 +229,17 @@ class KVReceiver:
             group.take_turn(ann.seq, deadline)
         for layer in range(min(self._window, ann.num_layers)):
             post(layer)
-        crc = 0
+        checksum = Checksum()
         for layer in range(ann.num_layers):
             ops = posted.popleft()
-            for _, work, _, _ in ops:
-                wait_work(work, deadline)
             if layer + self._window < ann.num_layers:
                 post(layer + self._window)
-            for part, _, base, buf in ops:
-                crc = crc32(buf, crc)
+            for part, c, work, base, buf in ops:
+                wait_work(work, deadline)
+                checksum.update(buf)
                 with t.lock:
                     if write and not t.released:
-                        pool = self._pages.parts(layer)[part]
-                        t.pages.scatter(pool, buf.view(len(t.pages), pool.shape[1]))
+                        chunks[c].scatter(self._pages.parts(layer)[part], buf)
                 self._staging.give(base)
             t.status.advance(KVPoll.TRANSFERRING)
         if self._pages.device.type == "cuda":
@@ -243,4 +247,4 @@ class KVReceiver:
         with group.store_lock:
             sender_sum = group.store.get(checksum_key(t.transfer_id)).decode()
             group.store.delete_key(checksum_key(t.transfer_id))
-        return crc, sender_sum
+        return checksum.hexdigest(), sender_sum

@@ -6,14 +6,14 @@ import os
 import queue
 import threading
 import time
-from collections import deque
 
 import torch
 
-from .transfer_pages import CachePages, PageSet, StagingPool, crc32, format_checksum
+from .transfer_issuer import SendIssuer
+from .transfer_pages import CachePages, Checksum, PageSet, StagingPool
 from .transfer_pair import (ANNOUNCE_QUEUE, RECEIVER_RANK, SENDER_RANK, Announcement, PairGroup, backend_for,
-                            build_group, checksum_key, connect_store, gen_key, group_prefix, local_address_towards,
-                            parse_endpoint, seconds_left, tag, wait_work)
+                            build_group, checksum_key, chunk_ranges, connect_store, gen_key, group_prefix,
+                            local_address_towards, pages_per_chunk, parse_endpoint, seconds_left, tag)
 from .transfer_state import KVPoll, TransferError, TransferResult, TransferState, TransferThreads
 
 FAULT_ENV = "DSV32_TRANSFER_FAULT"
@@ -35,11 +35,13 @@ class _Pair:
 class SendHandle:
     """One transfer on the sender side, as returned by ``KVSender.begin``."""
 
-    def __init__(self, transfer_id: str, pair: _Pair, pages: PageSet, num_layers: int, timeout_s: float):
+    def __init__(self, transfer_id: str, pair: _Pair, pages: PageSet, num_layers: int, chunk_pages: int,
+                 timeout_s: float):
         self.transfer_id = transfer_id
         self.decode_id = pair.decode_id
         self.pages = pages
         self.num_layers = num_layers
+        self.chunk_pages = chunk_pages
         self.status = TransferState(transfer_id)
         self.deadline = time.monotonic() + timeout_s
         self.t_last_layer = 0.0
@@ -52,13 +54,14 @@ class KVSender:
     """Prefill-worker side: ``begin`` → ``send_layer`` × layers → ``finish``; ``poll`` any time."""
 
     def __init__(self, cache, worker_id: str, timeout_s: float = 30, window_layers: int = 4,
-                 ordered: bool | None = None, fault: str | None = None):
+                 ordered: bool | None = None, fault: str | None = None, chunk_bytes: int = 2 << 20):
         self.worker_id = worker_id
         self.timeout_s = timeout_s
         self._pages = CachePages(cache)
         self._backend = backend_for(self._pages.device)
         self._ordered = self._backend == "nccl" if ordered is None else ordered
         self._window = max(1, window_layers)
+        self._chunk_bytes = chunk_bytes
         self._staging = StagingPool()
         self._pairs: dict[tuple[str, str], _Pair] = {}
         self._lock = threading.Lock()
@@ -79,7 +82,9 @@ class KVSender:
             raise ValueError(f"num_layers={num_layers} but the cache has {self._pages.num_layers}")
         with self._lock:
             pair = self._pairs.setdefault((endpoint, decode_id), _Pair(endpoint, decode_id))
-        h = SendHandle(transfer_id, pair, self._pages.page_set(src_pages), num_layers, self.timeout_s)
+        pages = self._pages.page_set(src_pages)
+        chunk_pages = pages_per_chunk(len(pages), self._pages.latent_page_bytes, self._chunk_bytes)
+        h = SendHandle(transfer_id, pair, pages, num_layers, chunk_pages, self.timeout_s)
         self._threads.start(self._run, h, f"kv-send-{transfer_id}")
         return h
 
@@ -154,7 +159,7 @@ class KVSender:
                 seq = 0 if fresh else pair.group.next_seq
                 ann = Announcement(h.transfer_id, self.worker_id, gen, seq, h.num_layers, len(h.pages),
                                    self._pages.latent_page_bytes, self._pages.index_page_bytes, self._backend,
-                                   self._ordered)
+                                   self._ordered, h.chunk_pages)
                 # Announce before building: the receiver joins the group only once it has read this.
                 pair.store.queue_push(ANNOUNCE_QUEUE, ann.encode())
                 if fresh:
@@ -171,54 +176,52 @@ class KVSender:
             pair.lock.release()
 
     def _stream(self, h: SendHandle, group: PairGroup, seq: int) -> TransferResult:
-        """Gather, checksum and send each layer as it is handed over; keep at most a window of layers in flight."""
-        inflight: deque = deque()  # (work, staging buffer or None)
-        crc, last = 0, h.num_layers - 1
-        for _ in range(h.num_layers):
-            try:
-                layer, event = h._layers.get(timeout=seconds_left(h.deadline))
-            except queue.Empty:
-                raise TransferError(f"layer {h._next_layer} was not handed over within {self.timeout_s}s") from None
-            if layer == 0 and group.ordered:
-                group.take_turn(seq, h.deadline)
-            h.status.advance(KVPoll.TRANSFERRING)
-            if event is not None:
-                torch.cuda.current_stream().wait_event(event)
-            while len(inflight) >= 2 * self._window:
-                self._retire(inflight.popleft(), h.deadline)
-            parts = []
-            for part, pool in enumerate(self._pages.parts(layer)):
-                staging = None if h.pages.run_start is not None else self._staging.take(
-                    len(h.pages) * pool.shape[1], pool.device)
-                buf = h.pages.gather(pool, staging)
-                crc = crc32(buf, crc)
-                parts.append([part, buf, staging])
-            if layer == last:
-                self._maybe_corrupt(parts)
-                with group.store_lock:
-                    group.store.set(checksum_key(h.transfer_id), format_checksum(crc))
-            for part, buf, staging in parts:
-                inflight.append((group.pg.send([buf], RECEIVER_RANK, tag(seq, layer, part)), staging))
-            if layer == last and group.ordered:
-                group.pass_turn(seq)
-        while inflight:
-            self._retire(inflight.popleft(), h.deadline)
+        """Gather and checksum each layer as it is handed over, a chunk of pages a message; the issuer sends.
+
+        Chunks of ~``chunk_bytes`` keep the gathered pages in cache for the checksum and the socket copy.
+        About ``window_layers`` layers of messages are queued or in flight at most.
+        """
+        chunks = h.pages.chunks(chunk_ranges(len(h.pages), h.chunk_pages))
+        parts = len(self._pages.parts(0))
+        issuer = SendIssuer(group.pg, RECEIVER_RANK, self._window * parts * len(chunks), h.deadline,
+                            self._staging.give, (lambda: group.pass_turn(seq)) if group.ordered else None)
+        checksum, last = Checksum(), h.num_layers - 1
+        try:
+            for _ in range(h.num_layers):
+                try:
+                    layer, event = h._layers.get(timeout=seconds_left(h.deadline))
+                except queue.Empty:
+                    raise TransferError(f"layer {h._next_layer} was not handed over within {self.timeout_s}s") from None
+                if layer == 0 and group.ordered:
+                    group.take_turn(seq, h.deadline)
+                h.status.advance(KVPoll.TRANSFERRING)
+                if event is not None:
+                    torch.cuda.current_stream().wait_event(event)
+                for part, pool in enumerate(self._pages.parts(layer)):
+                    for c, sub in enumerate(chunks):
+                        staging = None if sub.run_start is not None else self._staging.take(
+                            len(sub) * pool.shape[1], pool.device)
+                        buf = sub.gather(pool, staging)
+                        checksum.update(buf)
+                        if layer == last and c == 0:
+                            buf = self._maybe_corrupt(part, buf)
+                        issuer.put(buf, tag(seq, layer, part, c), staging)
+        except BaseException:
+            issuer.abort()
+            raise
+        with group.store_lock:  # before the sends complete is fine: the receiver's get waits for the key
+            group.store.set(checksum_key(h.transfer_id), checksum.hexdigest())
+        issuer.finish()
         t_done = time.perf_counter()
         return TransferResult(h.transfer_id, len(h.pages) * self._pages.page_bytes * h.num_layers,
-                              format_checksum(crc), t_done - h.status.t_start, t_done - h.t_last_layer)
+                              checksum.hexdigest(), t_done - h.status.t_start, t_done - h.t_last_layer)
 
-    def _retire(self, item, deadline: float) -> None:
-        work, staging = item
-        wait_work(work, deadline)
-        if staging is not None:
-            self._staging.give(staging)
-
-    def _maybe_corrupt(self, parts: list) -> None:
-        if not self._faults_left:
-            return
-        want = 1 if self._fault == "corrupt-index" else 0
-        for p in parts:
-            if p[0] == want:
-                p[1] = p[1].clone()  # never touch the cache itself
-                p[1].view(-1)[0] ^= 0xFF
-                self._faults_left -= 1
+    def _maybe_corrupt(self, part: int, buf: torch.Tensor) -> torch.Tensor:
+        """Fault injection: flip a byte after the checksum, in a copy (never in the cache)."""
+        want = 1 if self._fault == "corrupt-index" and self._pages.index_page_bytes else 0
+        if not self._faults_left or part != want:
+            return buf
+        self._faults_left -= 1
+        buf = buf.clone()
+        buf.view(-1)[0] ^= 0xFF
+        return buf
