@@ -34,15 +34,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.target:
-        from dsv32_router.client import stream_generate
+        from dsv32_router.client import GenerateError, stream_generate
 
         messages = [{"role": "user", "content": args.prompt}] if args.chat else None
-        for delta in stream_generate(args.target, None if args.chat else args.prompt, messages=messages,
-                                     thinking=args.thinking, temperature=args.temperature, top_p=args.top_p,
-                                     top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
-                                     ignore_eos=args.ignore_eos, session_id=args.session):
-            sys.stdout.write(delta)
-            sys.stdout.flush()
+        try:
+            for delta in stream_generate(args.target, None if args.chat else args.prompt, messages=messages,
+                                         thinking=args.thinking, temperature=args.temperature, top_p=args.top_p,
+                                         top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
+                                         ignore_eos=args.ignore_eos, session_id=args.session):
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        except GenerateError as e:
+            print(f"\ngenerate: {e}", file=sys.stderr)
+            return 1
         sys.stdout.write("\n")
         return 0
     from .llm import LLM
