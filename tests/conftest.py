@@ -18,7 +18,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install -y redis-server; ./run installs it)")
+        pytest.fail("redis-server is not installed (apt-get install -y redis-server; ./run installs it)")
     from dsv32_router.redis_server import RedisServer
 
     server = RedisServer(workdir=str(tmp_path_factory.mktemp("redis"))).start()

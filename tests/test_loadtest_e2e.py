@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def target(tiny_model, tmp_path_factory):
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (./run installs it)")
+        pytest.fail("redis-server is not installed (./run installs it)")
     log_dir = tmp_path_factory.mktemp("loadtest-up")
     err = open(log_dir / "up.stderr", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "dsv32_engine.cli", "up", "--model", tiny_model, "--prefill", "1",
