@@ -14,6 +14,8 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+import torch
+
 from .transfer_pair import seconds_left, wait_work
 from .transfer_state import TransferError
 
@@ -55,6 +57,8 @@ class SendIssuer:
         inflight: deque = deque()
         try:
             while item := self._queue.get(timeout=seconds_left(self._deadline)):
+                if item[0].is_cuda:
+                    torch.cuda.set_device(item[0].device)
                 buf, tag, staging = item
                 inflight.append((self._pg.send([buf], self._dst, tag), staging))
                 while len(inflight) >= self._window:

@@ -206,11 +206,11 @@ class KVSender:
                         if layer == last and c == 0:
                             buf = self._maybe_corrupt(part, buf)
                         issuer.put(buf, tag(seq, layer, part, c), staging)
+            with group.store_lock:  # before the sends complete is fine: the receiver's get waits for the key
+                group.store.set(checksum_key(h.transfer_id), checksum.hexdigest())
         except BaseException:
             issuer.abort()
             raise
-        with group.store_lock:  # before the sends complete is fine: the receiver's get waits for the key
-            group.store.set(checksum_key(h.transfer_id), checksum.hexdigest())
         issuer.finish()
         t_done = time.perf_counter()
         return TransferResult(h.transfer_id, len(h.pages) * self._pages.page_bytes * h.num_layers,
