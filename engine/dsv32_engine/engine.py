@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from .attention_kernels import resolve_backend, set_attention_backend
 from .cache import KVCache, PageAllocator
 from .config import ModelConfig
 from .layout import CacheLayout
@@ -63,7 +64,7 @@ def _dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
 class EngineCore:
     def __init__(self, model_dir: str | Path, *, numerics: str = "exact", dtype=None, num_pages: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 device: str | None = None, seed: int | None = None):
+                 device: str | None = None, seed: int | None = None, attention_backend: str | None = None):
         self.model_dir = str(model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = _dtype(dtype, self.device)
@@ -75,6 +76,9 @@ class EngineCore:
             self.model = DeepseekV32ForCausalLM(cfg, self.layout)
         load_weights(self.model, cfg, model_dir, self.dtype, self.device)
         self.model.eval()
+        # "torch" (MLA._prefill/_decode) or "kernels" (attention_kernels.py: dsv32_kernels ops, Triton on CUDA)
+        self.attention_backend = resolve_backend(attention_backend, self.device)
+        set_attention_backend(self.model, self.attention_backend)
         from .tokenizer import load_tokenizer
         self.tokenizer = load_tokenizer(self.model_dir)
         self.sampleable_vocab = min(cfg.vocab_size, self.tokenizer.vocab_size)

@@ -82,7 +82,9 @@ def pack_latent(c: torch.Tensor, k_pe: torch.Tensor, layout: CacheLayout) -> tor
     """``c [..., 512]``, ``k_pe [..., 64]`` → ``uint8 [..., 656]``."""
     q, s = quant_blocks(c)
     rope = k_pe.to(torch.bfloat16).contiguous()
-    parts = [q.view(torch.uint8), s.contiguous().view(torch.uint8), rope.view(torch.uint8)]
+    # through a flat copy: an empty [0, 1] scale tensor may carry stride 0 in its last dim, which view(uint8) refuses
+    s_bytes = s.reshape(-1).view(torch.uint8).reshape(*s.shape[:-1], 4 * s.shape[-1])
+    parts = [q.view(torch.uint8), s_bytes, rope.view(torch.uint8)]
     out = torch.cat(parts, dim=-1)
     assert out.shape[-1] == layout.latent_token_bytes
     return out

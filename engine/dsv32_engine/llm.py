@@ -17,10 +17,10 @@ from .sampling_params import SamplingParams
 class LLM:
     def __init__(self, model: str, *, numerics: str = "exact", dtype=None, num_pages: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 device: str | None = None, seed: int | None = None):
+                 device: str | None = None, seed: int | None = None, attention_backend: str | None = None):
         self.engine = EngineCore(model, numerics=numerics, dtype=dtype, num_pages=num_pages, max_num_seqs=max_num_seqs,
                                  max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                                 device=device, seed=seed)
+                                 device=device, seed=seed, attention_backend=attention_backend)
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
 

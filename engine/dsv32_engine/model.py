@@ -114,8 +114,12 @@ class MLA(nn.Module):
         self.kv_b_proj = _linear(self.rank, self.n_heads * (self.nope + self.v_dim))
         self.o_proj = _linear(self.n_heads * self.v_dim, cfg.hidden_size)
         self.indexer = Indexer(cfg) if cfg.has_indexer else None
+        self.kernel_path = False  # attention through dsv32_kernels (attention_kernels.py); set by EngineCore
 
     def forward(self, x, cos, sin, batch: ForwardBatch, cache) -> torch.Tensor:
+        if self.kernel_path:
+            from . import attention_kernels
+            return attention_kernels.forward(self, x, cos, sin, batch, cache)
         T, H = x.shape[0], self.n_heads
         qr = self.q_a_layernorm(self.q_a_proj(x))
         q = self.q_b_proj(qr).view(T, H, self.nope + self.rope)
