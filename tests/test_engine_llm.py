@@ -86,6 +86,7 @@ def test_stop_token_ids_and_stop_strings(llm):
     third = base.token_ids[2]
     out = llm.generate(["stop test"], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[third]))[0].outputs[0]
     assert out.token_ids == base.token_ids[:3] and out.finish_reason == "stop" and out.stop_reason == third
+    assert out.text == llm.tokenizer.decode(base.token_ids[:2])  # the stop token stays out of the text
     text = base.text
     stop = text[len(text) // 2: len(text) // 2 + 2]
     if stop.strip():

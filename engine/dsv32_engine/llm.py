@@ -90,6 +90,7 @@ class _Collect:
     def __init__(self, rid: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams, tokenizer):
         self.rid, self.prompt, self.prompt_ids, self.params = rid, prompt, prompt_ids, params
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.eos_token_id = tokenizer.eos_token_id
         self.token_ids: list[int] = []
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.cum = 0.0
@@ -106,7 +107,11 @@ class _Collect:
             self.logprobs.append(out.top_logprobs or {})
             self.cum += out.logprob or 0.0
         before = len(self.text)
-        self.text += self.detok.add(out.token_id)
+        # EOS and stop tokens end the request and stay in token_ids, but not in the text (as the router streams it)
+        ends = out.finished and out.finish_reason == "stop" and (
+            out.token_id == self.eos_token_id or out.token_id in self.params.stop_token_ids)
+        if not ends:
+            self.text += self.detok.add(out.token_id)
         if out.finished:
             self.text += self.detok.flush()
             self.finish_reason = out.finish_reason
