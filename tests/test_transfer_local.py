@@ -84,14 +84,14 @@ def test_checksum_sees_any_change_order_or_missing_part():
     assert ck.hexdigest() != other.hexdigest()  # page count counts, even for zero pages
 
 
-@pytest.mark.parametrize("window,chunk_pages", [(1, 1), (3, 2), (4, 64)])
-def test_bf16_without_indexer_small_windows_and_chunks(window, chunk_pages):
+@pytest.mark.parametrize("window_pages,chunk_pages", [(1, 1), (3, 2), (64, 64)])
+def test_bf16_without_indexer_small_windows_and_chunks(window_pages, chunk_pages):
     """Exact bf16 pools travel as bytes; an empty index pool (no indexer) sends nothing for it."""
     src = make_cache("exact", 6, 8, seed=2, dtype=torch.bfloat16, with_index=False)
     dst = make_cache("exact", 6, 8, seed=None, dtype=torch.bfloat16, with_index=False)
-    rx = KVReceiver(dst, "127.0.0.1", 0, "decode-0", timeout_s=10, window_layers=window)
-    tx = KVSender(src, "prefill-0", timeout_s=10, window_layers=window,
-                  chunk_bytes=chunk_pages * src.layout.latent_page_bytes)
+    page = src.layout.latent_page_bytes
+    rx = KVReceiver(dst, "127.0.0.1", 0, "decode-0", timeout_s=10, window_bytes=window_pages * page)
+    tx = KVSender(src, "prefill-0", timeout_s=10, window_bytes=window_pages * page, chunk_bytes=chunk_pages * page)
     src_pages, dst_pages = [1, 3, 4, 5, 0], [6, 7, 2, 0, 5]
     try:
         rx.expect("t", "prefill-0", dst_pages)

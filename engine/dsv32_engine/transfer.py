@@ -32,14 +32,17 @@ A transfer's life (``KVPoll``): BOOTSTRAPPING → WAITING → TRANSFERRING → S
    announcement to the expecting transfer (or keeps it until ``expect``) and
    joins a new generation's group at once. Groups are cached on both sides.
 3. Each ``send_layer`` hands a layer to the sender thread, which gathers the
-   layer's source pages into one contiguous buffer per pool (latent, indexer),
-   extends a running checksum over them and sends them with tag ``(seq, layer, pool)``. The
-   receiver keeps receives posted a window of layers ahead, checksums each
-   layer and scatters it into the destination pages.
-4. Before its last send the sender publishes its checksum
+   layer's source pages, pool by pool (latent, then indexer), into messages of
+   ~2 MiB (whole pages; a run of consecutive pages is sent in place), extends
+   the checksum over them and queues them for an issuer thread, which sends
+   them with tag ``(seq, layer, pool, chunk)``. The receiver keeps ~32 MiB of
+   receives posted into staging buffers, and checksums and scatters each
+   message into the destination pages as it lands, in order.
+4. After its last send the sender publishes its checksum
    (``xfer/{transfer_id}/sum``); the receiver compares it with its own, so a
    corrupted or missing latent or indexer page fails the transfer instead of
-   silently producing garbage. Both results also carry the checksum.
+   silently producing garbage. Both results also carry the checksum, which
+   ``cache_checksum`` recomputes from a cache (``transfer_pages.Checksum``).
 
 Concurrency: any number of transfers may be in flight on a pair and across
 pairs. The sequence number, assigned by the sender under the pair's lock and

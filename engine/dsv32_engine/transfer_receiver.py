@@ -41,13 +41,13 @@ class KVReceiver:
     """Decode-worker side: hosts the TCPStore; ``expect`` → ``poll``/``wait`` → ``release``."""
 
     def __init__(self, cache, host: str, port: int, worker_id: str, timeout_s: float = 30,
-                 window_layers: int = 4, ordered: bool | None = None):
+                 window_bytes: int = 32 << 20, ordered: bool | None = None):
         self.worker_id = worker_id
         self.timeout_s = timeout_s
         self._pages = CachePages(cache)
         self._backend = backend_for(self._pages.device)
         self._ordered = self._backend == "nccl" if ordered is None else ordered
-        self._window = max(1, window_layers)
+        self._window_bytes = window_bytes
         self._store = host_store(host, port, timeout_s)
         self._store_lock = threading.Lock()
         self.host, self.port = host, self._store.port
@@ -205,42 +205,43 @@ class KVReceiver:
             return peer.group
 
     def _receive(self, t: _Expected, ann: Announcement, group: PairGroup, write: bool, deadline: float):
-        """Post receives a window of layers ahead; checksum and place each chunk as it lands, in order.
+        """Keep ~``window_bytes`` of receives posted; checksum and place each message as it lands, in order.
 
-        Each chunk lands in a staging buffer and is checksummed and scattered while still in cache.
+        Each message lands in a staging buffer and is checksummed and scattered while still in cache
+        (a deeper window lets the socket run ahead and the data go cold).
         """
         ranges = chunk_ranges(ann.num_pages, ann.chunk_pages)
         chunks = t.pages.chunks(ranges) if write else None
         page_bytes = [b for b in (ann.latent_page_bytes, ann.index_page_bytes) if b]
+        messages = [(layer, part, c) for layer in range(ann.num_layers) for part in range(len(page_bytes))
+                    for c in range(len(ranges))]
+        window = max(2, self._window_bytes // (ann.chunk_pages * sum(page_bytes) // len(page_bytes)))
         posted: deque = deque()
 
-        def post(layer: int) -> None:
-            ops = []
-            for part, nbytes in enumerate(page_bytes):
-                for c, (a, b) in enumerate(ranges):
-                    base = self._staging.take((b - a) * nbytes, self._pages.device)
-                    buf = base[: (b - a) * nbytes].view(b - a, nbytes)
-                    ops.append((part, c, group.pg.recv([buf], SENDER_RANK, tag(ann.seq, layer, part, c)), base, buf))
-            posted.append(ops)
-            if layer == ann.num_layers - 1 and group.ordered:
+        def post(i: int) -> None:
+            layer, part, c = messages[i]
+            n, nbytes = ranges[c][1] - ranges[c][0], page_bytes[part]
+            base = self._staging.take(n * nbytes, self._pages.device)
+            buf = base[: n * nbytes].view(n, nbytes)
+            posted.append((layer, part, c, group.pg.recv([buf], SENDER_RANK, tag(ann.seq, layer, part, c)), base, buf))
+            if i == len(messages) - 1 and group.ordered:
                 group.pass_turn(ann.seq)
 
         if group.ordered:
             group.take_turn(ann.seq, deadline)
-        for layer in range(min(self._window, ann.num_layers)):
-            post(layer)
+        for i in range(min(window, len(messages))):
+            post(i)
         checksum = Checksum()
-        for layer in range(ann.num_layers):
-            ops = posted.popleft()
-            if layer + self._window < ann.num_layers:
-                post(layer + self._window)
-            for part, c, work, base, buf in ops:
-                wait_work(work, deadline)
-                checksum.update(buf)
-                with t.lock:
-                    if write and not t.released:
-                        chunks[c].scatter(self._pages.parts(layer)[part], buf)
-                self._staging.give(base)
+        for i in range(len(messages)):
+            layer, part, c, work, base, buf = posted.popleft()
+            wait_work(work, deadline)
+            if i + window < len(messages):
+                post(i + window)
+            checksum.update(buf)
+            with t.lock:
+                if write and not t.released:
+                    chunks[c].scatter(self._pages.parts(layer)[part], buf)
+            self._staging.give(base)
             t.status.advance(KVPoll.TRANSFERRING)
         if self._pages.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # pages visible to whatever stream decodes next

@@ -53,14 +53,14 @@ class SendHandle:
 class KVSender:
     """Prefill-worker side: ``begin`` → ``send_layer`` × layers → ``finish``; ``poll`` any time."""
 
-    def __init__(self, cache, worker_id: str, timeout_s: float = 30, window_layers: int = 4,
+    def __init__(self, cache, worker_id: str, timeout_s: float = 30, window_bytes: int = 32 << 20,
                  ordered: bool | None = None, fault: str | None = None, chunk_bytes: int = 2 << 20):
         self.worker_id = worker_id
         self.timeout_s = timeout_s
         self._pages = CachePages(cache)
         self._backend = backend_for(self._pages.device)
         self._ordered = self._backend == "nccl" if ordered is None else ordered
-        self._window = max(1, window_layers)
+        self._window_bytes = window_bytes
         self._chunk_bytes = chunk_bytes
         self._staging = StagingPool()
         self._pairs: dict[tuple[str, str], _Pair] = {}
@@ -178,13 +178,14 @@ class KVSender:
     def _stream(self, h: SendHandle, group: PairGroup, seq: int) -> TransferResult:
         """Gather and checksum each layer as it is handed over, a chunk of pages a message; the issuer sends.
 
-        Chunks of ~``chunk_bytes`` keep the gathered pages in cache for the checksum and the socket copy.
-        About ``window_layers`` layers of messages are queued or in flight at most.
+        Chunks of ~``chunk_bytes`` keep the gathered pages in cache for the checksum and the socket copy;
+        about ``window_bytes`` of messages are in flight (as many again queued) at most.
         """
         chunks = h.pages.chunks(chunk_ranges(len(h.pages), h.chunk_pages))
-        parts = len(self._pages.parts(0))
-        issuer = SendIssuer(group.pg, RECEIVER_RANK, self._window * parts * len(chunks), h.deadline,
-                            self._staging.give, (lambda: group.pass_turn(seq)) if group.ordered else None)
+        parts = self._pages.parts(0)
+        window = max(2, self._window_bytes // (h.chunk_pages * self._pages.page_bytes // len(parts)))
+        issuer = SendIssuer(group.pg, RECEIVER_RANK, window, h.deadline, self._staging.give,
+                            (lambda: group.pass_turn(seq)) if group.ordered else None)
         checksum, last = Checksum(), h.num_layers - 1
         try:
             for _ in range(h.num_layers):
