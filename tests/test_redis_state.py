@@ -154,3 +154,17 @@ def test_async_reaper(redis_url, state):
 
     assert asyncio.run(go()) == ["x"]
     assert state.request("x")["state"] == "failed"
+
+
+def test_colocated_requests_skip_transferring(state):
+    state.heartbeat(WorkerInfo("c0", "colocated", "h:1"))
+    assert [w.role for w in state.workers()] == ["colocated"]
+    state.create_request("co1")
+    state.transition("co1", "prefilling", prefill_worker="c0", decode_worker="c0")
+    state.transition("co1", "decoding")  # the colocated worker's first token
+    state.transition("co1", "finished", finish_reason="length")
+    rec = state.request("co1")
+    assert rec["state"] == "finished" and "transferring_at" not in rec
+    state.create_request("co2")
+    with pytest.raises(InvalidTransition):
+        state.transition("co2", "decoding")  # never straight from queued

@@ -79,3 +79,15 @@ def test_prefill_fewest_queued_tokens_and_pool_size():
     assert pol.choose_prefill([P("p", total=1), P("q", queued=999, total=10)], 200).worker_id == "q"
     with pytest.raises(NeverFits):
         pol.choose_prefill([P("p", total=1)], 200)
+
+
+def test_colocated_workers_are_chosen_by_the_decode_rules_and_never_mixed_with_pairs():
+    pol = PairPolicy(page_size=64)
+    C = [WorkerInfo(w, "colocated", f"{w}:1", free_pages=f, total_pages=100, running=r)
+         for w, f, r in (("c0", 100, 2), ("c1", 100, 0), ("c2", 1, 0))]
+    assert pol.choose_decode(C + [D("d")], 65, role="colocated").worker_id == "c1"
+    assert pol.choose_decode(C + [D("d")], 65).worker_id == "d", "a colocated worker is no decode worker"
+    with pytest.raises(NoWorkers, match="no colocated worker"):
+        pol.choose_decode([D("d"), P("p")], 10, role="colocated")
+    with pytest.raises(NeverFits, match="largest colocated pool"):
+        pol.choose_decode(C, 64 * 101, role="colocated")

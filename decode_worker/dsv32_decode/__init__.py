@@ -26,4 +26,8 @@ A request's life here, as a sequence of queues:
    request is aborted or finished in the engine, which frees its pages, and
    its capacity commitment is returned. ``Cancel`` does the same for a request
    that has no stream yet.
+
+The colocated worker (:mod:`dsv32_decode.colocated`, the baseline of
+``dsv32-serve up --colocated``) is this worker without steps 2-3: it commits
+capacity without taking pages and runs the prompt itself in its running batch.
 """

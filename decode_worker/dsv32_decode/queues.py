@@ -3,8 +3,10 @@
 * :class:`PreallocQueue` — reservations: pages taken from the engine's pool
   for a request whose KV is on its way, with a lease; nothing runs yet.
 * :class:`RunningBatch` — the loop thread that owns the engine: it admits
-  verified requests (``EngineCore.add_prefilled``), applies aborts, and steps
-  the continuous batch, handing each request's tokens to its output queue.
+  verified requests (``EngineCore.add_prefilled``), or, on a colocated worker,
+  prompts the engine prefills itself (``EngineCore.add_request``: chunked
+  prefill mixed into the decode steps), applies aborts, and steps the
+  continuous batch, handing each request's tokens to its output queue.
 
 One lock (``engine_lock``) serialises everything that touches the engine or
 its allocator: the loop holds it for one ``step()``; a reservation holds it to
@@ -49,20 +51,24 @@ class PreallocQueue:
         self.on_change = lambda: None  # load changed (the heartbeat reports it at once)
 
     def reserve(self, request_id: str, transfer_id: str, num_prompt: int, max_tokens: int, prefill_worker_id: str,
-                lease_s: float) -> Reservation | None:
-        """Pages for the prompt now, capacity for prompt + max_tokens; None if full."""
+                lease_s: float, prompt_pages: bool = True) -> Reservation | None:
+        """Pages for the prompt now, capacity for prompt + max_tokens; None if full.
+        ``prompt_pages=False`` (colocated worker): capacity only; the engine takes
+        the pages itself as it prefills, within the commitment."""
         layout = self.engine.layout
-        need_now = layout.pages_for(num_prompt)
+        need_now = layout.pages_for(num_prompt) if prompt_pages else 0
         commit = layout.pages_for(num_prompt + max_tokens)
         with self._mu:
             if request_id in self._by_id:
                 raise KeyError(f"request {request_id} already holds a reservation here")
             if self.committed_pages + commit > self.engine.allocator.num_total:
                 return None
-            with self.lock:
-                if not self.engine.allocator.can_allocate(need_now):
-                    return None
-                pages = self.engine.allocator.allocate(need_now)
+            pages = []
+            if need_now:  # (the engine lock is held for a whole step: not taken when there is nothing to take)
+                with self.lock:
+                    if not self.engine.allocator.can_allocate(need_now):
+                        return None
+                    pages = self.engine.allocator.allocate(need_now)
             self.committed_pages += commit
             res = Reservation(request_id, transfer_id, pages, commit, prefill_worker_id, time.monotonic() + lease_s)
             self._by_id[request_id] = res
@@ -114,8 +120,9 @@ class Admission:
     request_id: str
     prompt_ids: list[int]
     params: object  # dsv32_engine.SamplingParams
-    page_ids: list[int]
-    first: object  # dsv32_engine.engine.StepOutput
+    page_ids: list[int] | None
+    """The received prompt cache; None: the engine prefills the prompt itself (colocated)."""
+    first: object  # dsv32_engine.engine.StepOutput from the prefill worker; None when colocated
     out: queue.Queue = field(default_factory=queue.Queue)
     """Receives lists of StepOutput, then ``None`` when the request leaves the
     batch (an exception instead if the engine refused or failed it)."""
@@ -176,16 +183,20 @@ class RunningBatch:
                 self._live[item.request_id] = item
                 try:
                     with self.lock:
-                        self.engine.add_prefilled(item.request_id, item.prompt_ids, item.params, item.page_ids,
-                                                  item.first)
+                        if item.page_ids is None:
+                            self.engine.add_request(item.request_id, item.prompt_ids, item.params)
+                        else:
+                            self.engine.add_prefilled(item.request_id, item.prompt_ids, item.params, item.page_ids,
+                                                      item.first)
                 except Exception as e:  # refused: the pages never became the engine's
                     log.error("admission of %s refused: %s", item.request_id, e)
-                    with self.lock:
-                        self.engine.allocator.free(item.page_ids)
+                    if item.page_ids:
+                        with self.lock:
+                            self.engine.allocator.free(item.page_ids)
                     item.out.put(e)
                     self._leave(item.request_id, aborted=True)
                     continue
-                if item.first.finished:  # EOS or max_tokens=1: the engine finished it at admission
+                if item.first is not None and item.first.finished:  # EOS or max_tokens=1: finished at admission
                     self._leave(item.request_id, aborted=False)
             elif item in self._live:
                 with self.lock:

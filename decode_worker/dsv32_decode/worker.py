@@ -32,6 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
+    role = "decode"
+    receives_kv = True
+    """False on a colocated worker (:class:`dsv32_decode.colocated.ColocatedService`): no
+    receiver, no transfer; the engine runs the prompt itself."""
+
     def __init__(self, worker_id: str, engine, receiver, transfer_timeout_s: float):
         self.worker_id, self.engine, self.receiver = worker_id, engine, receiver
         self.transfer_timeout_s = transfer_timeout_s
@@ -40,7 +45,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.batch = RunningBatch(engine, self.lock, on_leave=lambda rid: self.prealloc.drop(rid, free_pages=False))
         self.counters = {"bytes_received": 0, "checksum_failures": 0}
         self.accepting = True
-        self.transfer_endpoint = receiver.endpoint  # what prefill workers dial (run() may advertise another host)
+        # what prefill workers dial (serve() may advertise another host)
+        self.transfer_endpoint = receiver.endpoint if receiver is not None else ""
 
     # -- reserve -----------------------------------------------------------------
     def Reserve(self, request, context):
@@ -51,18 +57,20 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         tid = f"{request.request_id}/{uuid.uuid4().hex[:8]}"
         try:
             res = self.prealloc.reserve(request.request_id, tid, request.num_prompt_tokens, max(1, request.max_tokens),
-                                        request.prefill_worker_id, request.lease_s or 60.0)
+                                        request.prefill_worker_id, request.lease_s or 60.0,
+                                        prompt_pages=self.receives_kv)
         except KeyError as e:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
         if res is None:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"decode worker {self.worker_id}: {self.free_pages()} of {self.engine.allocator.num_total} "
                           "pages uncommitted; not enough for this request")
-        try:
-            self.receiver.expect(tid, request.prefill_worker_id, res.page_ids)
-        except Exception as e:
-            self.prealloc.drop(request.request_id, free_pages=True)
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"KV receiver refused the transfer: {e}")
+        if self.receives_kv:
+            try:
+                self.receiver.expect(tid, request.prefill_worker_id, res.page_ids)
+            except Exception as e:
+                self.prealloc.drop(request.request_id, free_pages=True)
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"KV receiver refused the transfer: {e}")
         layout, layers = self.engine.layout, len(self.engine.cache.latent)
         return worker_pb2.ReserveResponse(
             decode_worker_id=self.worker_id, transfer_endpoint=self.transfer_endpoint, transfer_id=tid,
@@ -76,6 +84,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         return cache.layout.latent_page_bytes + index
 
     def _release_transfer(self, transfer_id: str) -> None:
+        if self.receiver is None:
+            return
         try:
             self.receiver.release(transfer_id)
         except Exception as e:
@@ -90,18 +100,28 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                           "(lease expired or cancelled)")
         admitted = False
         try:
-            received = self._await_transfer(res, request, context)
-            adm = Admission(rid, list(request.prompt_ids), engine_params(request.sampling), res.page_ids,
-                            step_output(rid, request.first))
+            adm, first = self._admission(request, res, context)
             self.batch.admit(adm)
             admitted = True
             context.add_callback(lambda: self.batch.abort(rid))  # no-op once it has left the batch
-            yield worker_pb2.DecodeResponse(tokens=[request.first], received_bytes=received.num_bytes,
-                                            checksum=received.checksum)
+            if first is not None:
+                yield first
             yield from self._stream(adm, context)
         finally:
             if not admitted:
                 self.prealloc.drop(rid, free_pages=True)
+
+    def _admission(self, request, res, context) -> tuple[Admission, worker_pb2.DecodeResponse | None]:
+        """The request for the running batch once its KV is here and verified, and the
+        stream's first message (echoing the prefill worker's first token)."""
+        if not request.HasField("first"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"first: missing; decode worker {self.worker_id} "
+                          "continues from the prefill worker's first token")
+        received = self._await_transfer(res, request, context)
+        adm = Admission(request.request_id, list(request.prompt_ids), engine_params(request.sampling), res.page_ids,
+                        step_output(request.request_id, request.first))
+        return adm, worker_pb2.DecodeResponse(tokens=[request.first], received_bytes=received.num_bytes,
+                                              checksum=received.checksum)
 
     def _await_transfer(self, res, request, context):
         """Wait (bounded, cancellable) for the KV, then check it is what the prefill worker sent."""
@@ -181,7 +201,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     def stats(self) -> worker_pb2.WorkerStats:
         st = self.engine.stats
         return worker_pb2.WorkerStats(
-            worker_id=self.worker_id, role="decode", free_pages=self.engine.allocator.num_free,
+            worker_id=self.worker_id, role=self.role, free_pages=self.engine.allocator.num_free,
             total_pages=self.engine.allocator.num_total, running_requests=self.batch.running,
             queued_requests=len(self.prealloc), prefill_forward_tokens=st.get("prefill_tokens", 0),
             decode_steps=self.batch.steps, bytes_received=self.counters["bytes_received"],
@@ -211,24 +231,30 @@ def run(args: argparse.Namespace) -> int:
     receiver = KVReceiver(engine.cache, args.host, args.transfer_port, worker_id, args.transfer_timeout)
     svc = DecodeService(worker_id, engine, receiver, args.transfer_timeout)
     svc.transfer_endpoint = f"{advertised_host(args)}:{receiver.port}"
+    return serve(args, svc)
+
+
+def serve(args: argparse.Namespace, svc: DecodeService) -> int:
+    """Run a decode (or colocated) service until SIGTERM, the parent's death or a dead loop."""
     svc.batch.start()
-    server, hs, hb, stop, _ = serve_worker("decode", args, svc, worker_pb2_grpc.add_DecodeWorkerServicer_to_server,
+    server, hs, hb, stop, _ = serve_worker(svc.role, args, svc, worker_pb2_grpc.add_DecodeWorkerServicer_to_server,
                                            svc.report, max_threads=2 * args.max_num_seqs + 16,
                                            transfer_endpoint=svc.transfer_endpoint)
     svc.prealloc.on_change = hb.poke
     while not stop.wait(0.5):
         svc.prealloc.expire()
         if svc.batch.error is not None:
-            log.error("decode loop died; exiting")
+            log.error("%s loop died; exiting", svc.role)
             break
-    log.info("decode worker %s shutting down", worker_id)
+    log.info("%s worker %s shutting down", svc.role, svc.worker_id)
     svc.accepting = False
     hb.stop(deregister=True)
     hs.enter_graceful_shutdown()
     server.stop(grace=2.0).wait()
     svc.batch.stop()
-    try:
-        receiver.close()
-    except Exception:
-        pass
+    if svc.receiver is not None:
+        try:
+            svc.receiver.close()
+        except Exception:
+            pass
     return 1 if svc.batch.error is not None else 0

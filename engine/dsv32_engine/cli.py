@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "router": ("dsv32_router.server", "run the public gRPC router"),
     "prefill": ("dsv32_prefill.worker", "run a prefill worker"),
     "decode": ("dsv32_decode.worker", "run a decode worker (one expert-parallel group)"),
+    "colocated": ("dsv32_decode.colocated", "run a colocated worker (prefill and decode in one process: the baseline)"),
     "generate": ("dsv32_engine.generate_cli", "generate text offline (--model) or from a cluster (--target)"),
     "chat": ("dsv32_engine.chat_cli", "interactive chat with the DeepSeek-V3.2 chat encoding"),
     "make-checkpoint": ("dsv32_engine.checkpoint_maker", "write a random-weights checkpoint in HF layout"),

@@ -10,7 +10,7 @@ import time
 import grpc
 
 from dsv32_proto import worker_pb2_grpc
-from dsv32_router.state import AsyncClusterState, WorkerInfo
+from dsv32_router.state import ROLES, AsyncClusterState, WorkerInfo
 
 log = logging.getLogger(__name__)
 CHANNEL_IDLE_CLOSE_S = 30.0
@@ -58,7 +58,7 @@ class WorkerDirectory:
         return self.snapshot
 
     def counts(self) -> dict[str, int]:
-        out = {"prefill": 0, "decode": 0}
+        out = dict.fromkeys(ROLES, 0)
         for w in self.snapshot:
             out[w.role] += 1
         return out
@@ -71,6 +71,7 @@ class WorkerDirectory:
         return ch
 
     def decode_stub(self, w: WorkerInfo) -> worker_pb2_grpc.DecodeWorkerStub:
+        """Decode and colocated workers (both serve the ``DecodeWorker`` service)."""
         return worker_pb2_grpc.DecodeWorkerStub(self._channel(w.endpoint))
 
     def prefill_stub(self, w: WorkerInfo) -> worker_pb2_grpc.PrefillWorkerStub:

@@ -28,6 +28,17 @@
 7. **Finish**: record ``finished`` and the session turn (D becomes the
    session's affinity). D frees the pages when the request leaves its batch.
 
+Colocated workers (``dsv32-serve up --colocated``, the baseline that
+disaggregation is measured against) serve the same ``DecodeWorker`` service
+but run the prompt themselves. With no (prefill, decode) pair registered and
+colocated workers present, step 3 picks one colocated worker C by the decode
+rules; step 4 reserves capacity on C (no pages move yet: C's engine allocates
+them as it prefills); step 5 is skipped; the step-6 stream on C admits the
+prompt to C's running batch, where it is prefilled in chunks mixed into the
+decode steps of the other requests, and its first message is the first
+sampled token (record ``prefilling`` until then, then ``decoding``). Retries,
+cancellation and deadlines are the same.
+
 Failures. A worker that is unreachable or errs, a checksum mismatch (D answers
 ``DATA_LOSS``) or a lost reservation sends the record back to ``queued`` and
 the request to step 3 on another pair (``max_attempts`` in all), with the
@@ -139,10 +150,10 @@ class Orchestrator:
         req = await asyncio.to_thread(resolve, request, self.tokenizer, self.spec)
         if not self.directory.snapshot:
             await self.directory.refresh()
-        counts = self.directory.counts()
-        if not counts["prefill"] or not counts["decode"]:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"no workers: {counts['prefill']} prefill and "
-                               f"{counts['decode']} decode registered")
+        if self.mode() is None:
+            counts = self.directory.counts()
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"no workers: {counts['prefill']} prefill, "
+                               f"{counts['decode']} decode and {counts['colocated']} colocated registered")
         await self._admit(context)
         try:
             try:
@@ -179,6 +190,15 @@ class Orchestrator:
         finally:
             self._waiting -= 1
             telemetry.WAITING.labels("router").dec()
+
+    def mode(self) -> str | None:
+        """``disaggregated`` while a (prefill, decode) pair is registered, else ``colocated``
+        while a colocated worker is, else None. A cluster is meant to run one mode; one that
+        has both serves through its pairs."""
+        counts = self.directory.counts()
+        if counts["prefill"] and counts["decode"]:
+            return "disaggregated"
+        return "colocated" if counts["colocated"] else None
 
     def admission_budget(self, context) -> float:
         left = context.time_remaining() if context is not None else None
@@ -305,14 +325,17 @@ class RequestRun:
             d, p, reservation = await self._reserve(len(prompt), sampling.max_tokens, hold)
         decode_started = False
         try:
-            self.prefill_worker, self.decode_worker = p.worker_id, d.worker_id
-            await self.orch.record(self.req.request_id, "prefilling", prefill_worker=p.worker_id,
+            # p is None on a colocated worker: d runs the prompt itself, inside its Decode stream
+            self.prefill_worker, self.decode_worker = (p or d).worker_id, d.worker_id
+            await self.orch.record(self.req.request_id, "prefilling", prefill_worker=self.prefill_worker,
                                    decode_worker=d.worker_id)
-            with tracer.start_as_current_span("prefill"):
-                pre = await self._prefill(p, reservation, prompt, sampling, hold)
-            await self.orch.record(self.req.request_id, "transferring", sent_bytes=pre.sent_bytes,
-                                   prefill_queue_s=round(pre.queue_s, 6), prefill_compute_s=round(pre.compute_s, 6),
-                                   transfer_wait_s=round(pre.transfer_wait_s, 6), prefill_batch=pre.batch_size)
+            pre = None
+            if p is not None:
+                with tracer.start_as_current_span("prefill"):
+                    pre = await self._prefill(p, reservation, prompt, sampling, hold)
+                await self.orch.record(self.req.request_id, "transferring", sent_bytes=pre.sent_bytes,
+                                       prefill_queue_s=round(pre.queue_s, 6), prefill_compute_s=round(pre.compute_s, 6),
+                                       transfer_wait_s=round(pre.transfer_wait_s, 6), prefill_batch=pre.batch_size)
             decode_started = True
             with tracer.start_as_current_span("decode"):
                 async with aclosing(self._decode(d, reservation, prompt, sampling, pre)) as decode:
@@ -329,8 +352,10 @@ class RequestRun:
             self.orch.released = asyncio.Event()
 
     async def _reserve(self, num_prompt: int, max_tokens: int, hold: _Hold
-                       ) -> tuple[WorkerInfo, WorkerInfo, worker_pb2.ReserveResponse]:
+                       ) -> tuple[WorkerInfo, WorkerInfo | None, worker_pb2.ReserveResponse]:
+        """Reserve on D (or on a colocated worker, returned as D with P = None)."""
         orch, policy = self.orch, self.orch.policy
+        colocated = orch.mode() == "colocated"
         affinity = None
         if self.req.session_id:
             try:
@@ -344,8 +369,8 @@ class RequestRun:
             snapshot = [w for w in orch.directory.snapshot if w.worker_id not in full]
             try:
                 d = policy.choose_decode(snapshot, num_prompt + max_tokens, affinity=affinity,
-                                         avoid=frozenset(self.avoid))
-                p = policy.choose_prefill(snapshot, num_prompt, avoid=frozenset(self.avoid))
+                                         avoid=frozenset(self.avoid), role="colocated" if colocated else "decode")
+                p = None if colocated else policy.choose_prefill(snapshot, num_prompt, avoid=frozenset(self.avoid))
             except NeverFits as e:
                 raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
             except (NoCapacity, NoWorkers) as e:
@@ -363,11 +388,13 @@ class RequestRun:
             # choosing together spreads instead of herding onto one stale report.
             hold.add("decode", d.worker_id, requests=1)
             hold.add("decode_pages", d.worker_id, pages=need_pages)
-            hold.add("prefill", p.worker_id, tokens=num_prompt)
+            if p is not None:
+                hold.add("prefill", p.worker_id, tokens=num_prompt)
             try:
                 res = await orch.directory.decode_stub(d).Reserve(worker_pb2.ReserveRequest(
                     request_id=self.worker_request_id, num_prompt_tokens=num_prompt, max_tokens=max_tokens,
-                    prefill_worker_id=p.worker_id, lease_s=self.limits.reserve_lease_s), timeout=min(self._timeout(), 30))
+                    prefill_worker_id=p.worker_id if p else "", lease_s=self.limits.reserve_lease_s),
+                    timeout=min(self._timeout(), 30))
                 hold.release("decode_pages")  # D's own report counts them from now on
                 return d, p, res
             except BaseException as e:
@@ -376,7 +403,7 @@ class RequestRun:
                     if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                         full.add(d.worker_id)
                         continue
-                    self._raise_for(e, "decode", d, "reserve")
+                    self._raise_for(e, d.role, d, "reserve")
                 raise
 
     async def _wait_for_change(self, timeout: float) -> None:
@@ -411,28 +438,32 @@ class RequestRun:
             hold.release("prefill")
 
     async def _decode(self, d: WorkerInfo, res: worker_pb2.ReserveResponse, prompt: list[int], sampling: Sampling,
-                      pre: worker_pb2.PrefillResponse):
-        call = self.orch.directory.decode_stub(d).Decode(worker_pb2.DecodeRequest(
-            request_id=self.worker_request_id, transfer_id=res.transfer_id, prompt_ids=prompt,
-            sampling=_sampling_pb(sampling), first=pre.first, checksum=pre.checksum, sent_bytes=pre.sent_bytes),
-            timeout=self._timeout())
+                      pre: worker_pb2.PrefillResponse | None):
+        """``pre`` None: d is a colocated worker, which runs the prompt and samples the first token."""
+        request = worker_pb2.DecodeRequest(request_id=self.worker_request_id, transfer_id=res.transfer_id,
+                                           prompt_ids=prompt, sampling=_sampling_pb(sampling))
+        if pre is not None:
+            request.first.CopyFrom(pre.first)
+            request.checksum, request.sent_bytes = pre.checksum, pre.sent_bytes
+        call = self.orch.directory.decode_stub(d).Decode(request, timeout=self._timeout())
         first = True
         try:
             async for msg in call:
                 if first:
                     first = False
-                    await self.orch.record(self.req.request_id, "decoding", received_bytes=msg.received_bytes)
+                    await self.orch.record(self.req.request_id, "decoding",
+                                           **({"received_bytes": msg.received_bytes} if pre is not None else {}))
                 out = self._emit(msg.tokens)
                 if out is not None:
                     yield out
                 if self.finish_reason:
                     return
         except grpc.aio.AioRpcError as e:
-            self._raise_for(e, "decode", d, "decode" if not first else "verify")
+            self._raise_for(e, d.role, d, "decode" if not first else "verify" if pre is not None else "prefill")
         finally:
             call.cancel()  # no-op when the stream ended; frees D's pages otherwise
         if not self.finish_reason:
-            raise WorkerFailed("decode", d, "stream ended without a finish reason")
+            raise WorkerFailed(d.role, d, "stream ended without a finish reason")
 
     async def _cancel_on(self, d: WorkerInfo, reason: str) -> None:
         try:

@@ -15,6 +15,9 @@ Decode worker D, in order:
 3. otherwise the fewest running + pending requests, then the most free pages,
    then rotation (so that equal workers take turns).
 
+A colocated cluster (``up --colocated``) has no pairs: the request goes whole
+to one colocated worker, chosen by the decode rules above (``role="colocated"``).
+
 Prefill worker P: a pool large enough for the prompt, preferably one that has
 not failed this request, fewest queued tokens (reported + pending from
 this router), then rotation.
@@ -69,24 +72,25 @@ class PairPolicy:
         return {wid: (i - turn) % len(ids) for i, wid in enumerate(ids)}
 
     def choose_decode(self, workers: list[WorkerInfo], need_tokens: int, *, affinity: str | None = None,
-                      avoid: frozenset[str] = frozenset()) -> WorkerInfo:
-        """``avoid``: workers that failed this request; used only when nothing else fits."""
-        decode = [w for w in workers if w.role == "decode"]
+                      avoid: frozenset[str] = frozenset(), role: str = "decode") -> WorkerInfo:
+        """``avoid``: workers that failed this request; used only when nothing else fits.
+        ``role``: ``colocated`` chooses the worker that runs the whole request."""
+        decode = [w for w in workers if w.role == role]
         if not decode:
-            raise NoWorkers("no decode worker is registered")
+            raise NoWorkers(f"no {role} worker is registered")
         need = self.pages_for(need_tokens)
         biggest = max(w.total_pages for w in decode)
         if need > biggest:
             raise NeverFits(f"the request needs {need} cache pages for prompt + max_tokens; "
-                            f"the largest decode pool has {biggest}")
+                            f"the largest {role} pool has {biggest}")
         fits = [w for w in decode if w.free_pages - self._pending(w.worker_id).pages >= need]
         if not fits:
-            raise NoCapacity(f"no decode worker has {need} free cache pages")
+            raise NoCapacity(f"no {role} worker has {need} free cache pages")
         fits = [w for w in fits if w.worker_id not in avoid] or fits
         for w in fits:
             if w.worker_id == affinity:
                 return w
-        order = self._rotation(fits, "decode")
+        order = self._rotation(fits, role)
         return min(fits, key=lambda w: (w.running + self._pending(w.worker_id).requests,
                                         -(w.free_pages - self._pending(w.worker_id).pages), order[w.worker_id]))
 

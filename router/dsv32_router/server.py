@@ -2,7 +2,8 @@
 
 Also serves standard gRPC health checking (``grpc.health.v1``: the overall
 status and ``dsv32.serving.v1.Generation`` are ``SERVING`` while at least one
-prefill and one decode worker are registered, ``NOT_SERVING`` otherwise) and
+prefill and one decode worker, or one colocated worker, are registered,
+``NOT_SERVING`` otherwise) and
 server reflection. Never imports torch (a test checks it in a subprocess).
 
 Every flag has an environment variable (``DSV32_<FLAG>``), for deployments.
@@ -131,7 +132,7 @@ class Router:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        health_task = asyncio.create_task(self._health_loop(directory, health_servicer))
+        health_task = asyncio.create_task(self._health_loop(directory, orch, health_servicer))
         liveness_task = asyncio.create_task(self._liveness_loop(state))
         if args.ready_file:
             tmp = f"{args.ready_file}.tmp"
@@ -163,17 +164,17 @@ class Router:
             n += 1
             await asyncio.sleep(beat_s)
 
-    async def _health_loop(self, directory: WorkerDirectory, hs) -> None:
+    async def _health_loop(self, directory: WorkerDirectory, orch: Orchestrator, hs) -> None:
         last = None
         while True:
             counts = directory.counts()
-            ok = counts["prefill"] > 0 and counts["decode"] > 0
+            ok = orch.mode() is not None
             if ok != last:
                 status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
                 await hs.set("", status)
                 await hs.set(SERVICE, status)
-                log.info("health: %s (%d prefill, %d decode)", "SERVING" if ok else "NOT_SERVING",
-                         counts["prefill"], counts["decode"])
+                log.info("health: %s (%d prefill, %d decode, %d colocated)", "SERVING" if ok else "NOT_SERVING",
+                         counts["prefill"], counts["decode"], counts["colocated"])
                 last = ok
             await asyncio.sleep(directory.refresh_s)
 

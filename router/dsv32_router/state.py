@@ -14,7 +14,8 @@ key                                type    contents
 ``{prefix}workers``                ZSET    member: worker id; score: registration time.
                                            An index only: a worker is alive while its hash
                                            below exists (readers drop dead members).
-``{prefix}worker:{worker_id}``     HASH    ``role`` (prefill | decode), ``endpoint`` (gRPC
+``{prefix}worker:{worker_id}``     HASH    ``role`` (prefill | decode | colocated),
+                                           ``endpoint`` (gRPC
                                            host:port), ``transfer_endpoint`` (decode: KV
                                            receiver host:port), ``model``, ``host``, ``pid``,
                                            ``started_at``, ``updated_at`` and the load report:
@@ -58,6 +59,12 @@ Request state machine
 * ``finished`` / ``failed`` / ``cancelled`` are terminal (cancelled covers
   client cancellation and deadline expiry).
 
+A colocated worker (``dsv32-serve up --colocated``) runs the prompt and the
+decode in one process, so its requests skip ``transferring``:
+``queued → prefilling`` (the worker committed capacity and runs the prompt,
+chunked into its decode batches; ``prefill_worker`` = ``decode_worker``)
+``→ decoding`` (its first token has arrived) ``→ finished``.
+
 Records outlive their router only as ``failed``: every router beats its
 liveness key and periodically reaps the active records of routers whose key
 has expired (``error`` = "router ... went away"), so a router crash never
@@ -87,6 +94,7 @@ DEFAULT_SESSION_TTL_S = 3600
 DEFAULT_ROUTER_TTL_S = 10.0
 MAX_RECORDS_INDEXED = 100_000
 
+ROLES = ("prefill", "decode", "colocated")
 TERMINAL_STATES = ("finished", "failed", "cancelled")
 STATES = ("queued", "prefilling", "transferring", "decoding", *TERMINAL_STATES)
 _IN_PROGRESS = ("queued", "prefilling", "transferring", "decoding")
@@ -95,7 +103,7 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "queued": ("prefilling", "transferring", "decoding"),  # a retry
     "prefilling": ("queued",),
     "transferring": ("prefilling",),
-    "decoding": ("transferring",),
+    "decoding": ("transferring", "prefilling"),  # from prefilling: a colocated worker
     "finished": ("decoding",),
     "failed": _IN_PROGRESS,
     "cancelled": _IN_PROGRESS,
@@ -146,11 +154,11 @@ class WorkerInfo:
 
     worker_id: str
     role: str
-    """``prefill`` or ``decode``."""
+    """``prefill``, ``decode`` or ``colocated`` (prefill and decode in one process)."""
     endpoint: str
     """gRPC host:port of the worker service."""
     transfer_endpoint: str = ""
-    """Decode workers: host:port of the KV receiver (its TCPStore)."""
+    """Decode workers: host:port of the KV receiver (its TCPStore); empty for the others."""
     model: str = ""
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
@@ -164,8 +172,8 @@ class WorkerInfo:
     queued_tokens: int = 0
 
     def __post_init__(self) -> None:
-        if self.role not in ("prefill", "decode"):
-            raise ValueError(f"role must be 'prefill' or 'decode', got {self.role!r}")
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
 
     def to_redis(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}

@@ -15,7 +15,13 @@ process group, SIGKILL to whatever is left after ``--grace`` seconds. If a
 child dies on its own, ``up`` stops the rest and exits non-zero, printing the
 tail of its log. Logs go to ``--log-dir`` (a temporary directory by default).
 
-From Python: ``with local_cluster(model, prefill=1, decode=1) as target: ...``.
+``--colocated`` starts the baseline instead: ``--workers`` colocated workers
+(default ``--prefill`` + ``--decode``, so the two modes compare at an equal
+number of worker processes), each running prefill and decode in one engine
+(chunked prefill mixed into its decode batches), behind the same router.
+
+From Python: ``with local_cluster(model, prefill=1, decode=1) as target: ...``
+(``colocated=True, workers=2`` for the baseline).
 """
 
 from __future__ import annotations
@@ -46,6 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint directory (default: checkpoints/tiny, made with make-checkpoint if missing)")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers")
     p.add_argument("--decode", type=int, default=1, help="decode workers")
+    p.add_argument("--colocated", action="store_true",
+                   help="the baseline: workers that each run prefill and decode in one process (chunked prefill "
+                        "mixed into decode batches) instead of prefill and decode pools; same router and API")
+    p.add_argument("--workers", type=int, default=None,
+                   help="with --colocated: colocated workers (default --prefill + --decode, the same number of "
+                        "worker processes as the disaggregated cluster)")
     p.add_argument("--redis-url", default=e("DSV32_REDIS_URL"), help="use this Redis instead of starting one")
     p.add_argument("--redis-prefix", default=DEFAULT_PREFIX)
     p.add_argument("--host", default="127.0.0.1")
@@ -58,6 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-arg", action="append", default=[], help="extra router flag (repeatable)")
     p.add_argument("--prefill-arg", action="append", default=[], help="extra prefill worker flag (repeatable)")
     p.add_argument("--decode-arg", action="append", default=[], help="extra decode worker flag (repeatable)")
+    p.add_argument("--colocated-arg", action="append", default=[], help="extra colocated worker flag (repeatable)")
     p.add_argument("--log-dir", default=None, help="where the processes' logs go (default: a temp dir)")
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL at shutdown")
@@ -114,10 +127,10 @@ class Cluster:
                 engine += ["--" + flag.replace("_", "-"), str(getattr(a, flag))]
         if a.enable_fault_injection:
             engine.append("--enable-fault-injection")
-        ids = {"decode": [f"decode-{i}{suffix}" for i in range(a.decode)],
-               "prefill": [f"prefill-{i}{suffix}" for i in range(a.prefill)]}
-        for role in ("decode", "prefill"):
-            extra = a.decode_arg if role == "decode" else a.prefill_arg
+        counts = {"colocated": colocated_workers(a)} if a.colocated else {"decode": a.decode, "prefill": a.prefill}
+        ids = {role: [f"{role}-{i}{suffix}" for i in range(n)] for role, n in counts.items()}
+        extras = {"decode": a.decode_arg, "prefill": a.prefill_arg, "colocated": a.colocated_arg}
+        for role, extra in ((r, extras[r]) for r in ids):
             for wid in ids[role]:
                 self.spawn(wid, [role, *common, *engine, "--port", "0", "--worker-id", wid, "--exit-with-parent",
                                  *extra])
@@ -130,7 +143,7 @@ class Cluster:
 
     def wait_ready(self, state: ClusterState, ids: dict[str, list[str]], ready_file: Path) -> str:
         deadline = time.monotonic() + self.args.ready_timeout
-        want = set(ids["decode"]) | set(ids["prefill"])
+        want = {wid for role_ids in ids.values() for wid in role_ids}
         endpoint = None
         while time.monotonic() < deadline and not self.stopping:
             self.check_children()
@@ -195,6 +208,10 @@ def _serving(endpoint: str) -> bool:
         return False
 
 
+def colocated_workers(args: argparse.Namespace) -> int:
+    return args.workers if args.workers is not None else args.prefill + args.decode
+
+
 def ensure_model(model: str | None) -> str:
     """The checkpoint directory; the default tiny one is made on first use."""
     if model:
@@ -233,6 +250,8 @@ def local_cluster(model: str | None = None, *, prefill: int = 1, decode: int = 1
 def run(args: argparse.Namespace) -> int:
     if args.prefill < 1 or args.decode < 1:
         raise SystemExit("up: --prefill and --decode must be >= 1")
+    if args.workers is not None and (not args.colocated or args.workers < 1):
+        raise SystemExit("up: --workers N (>= 1) goes with --colocated")
     cluster = Cluster(args)
 
     def on_signal(signum, frame):
