@@ -51,7 +51,7 @@ class KVReceiver:
         self._store = host_store(host, port, timeout_s)
         self._store_lock = threading.Lock()
         self.host, self.port = host, self._store.port
-        self._staging = StagingPool()
+        self._staging = StagingPool(2 * window_bytes + (8 << 20))
         self._peers: dict[str, _Peer] = {}
         self._transfers: dict[str, _Expected] = {}
         self._lock = threading.Lock()

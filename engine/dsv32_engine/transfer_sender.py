@@ -62,7 +62,7 @@ class KVSender:
         self._ordered = self._backend == "nccl" if ordered is None else ordered
         self._window_bytes = window_bytes
         self._chunk_bytes = chunk_bytes
-        self._staging = StagingPool()
+        self._staging = StagingPool(2 * window_bytes + (8 << 20))
         self._pairs: dict[tuple[str, str], _Pair] = {}
         self._lock = threading.Lock()
         self._closed = False
