@@ -51,7 +51,8 @@ def make_cache(mode: str, layers: int, pages: int, seed: int | None, dtype=torch
 
 def assert_landed(src: FakeCache, src_pages: list[int], dst: FakeCache, dst_pages: list[int]) -> None:
     for layer in range(len(src.latent)):
-        assert torch.equal(dst.latent[layer][dst_pages].view(torch.uint8), src.latent[layer][src_pages].view(torch.uint8))
+        assert torch.equal(dst.latent[layer][dst_pages].view(torch.uint8),
+                           src.latent[layer][src_pages].view(torch.uint8))
         if src.index[layer].shape[0]:  # an empty index pool: a model without an indexer
             assert torch.equal(dst.index[layer][dst_pages].view(torch.uint8),
                                src.index[layer][src_pages].view(torch.uint8))
@@ -70,7 +71,8 @@ def _sender_main(spec: dict) -> None:
     for job in spec["jobs"]:
         cache = make_cache(spec["mode"], LAYERS, PAGES, job["seed"])
         tx = KVSender(cache, job["worker_id"], timeout_s=job.get("timeout", 10), ordered=job.get("ordered"),
-                      fault=job.get("fault", ""), chunk_bytes=job.get("chunk_pages", 64) * cache.layout.latent_page_bytes)
+                      fault=job.get("fault", ""),
+                      chunk_bytes=job.get("chunk_pages", 64) * cache.layout.latent_page_bytes)
         batches = [[t] for t in job["transfers"]] if job.get("sequential") else [job["transfers"]]
         for batch in batches:
             handles = [tx.begin(t["tid"], job["endpoint"], job["decode_id"], t["pages"]) for t in batch]
@@ -160,7 +162,8 @@ def test_two_prefill_processes_send_to_one_decode_concurrently():
     try:
         rx.expect("a0", "prefill-0", plan0["a0"][1])
         rx.expect("b0", "prefill-1", plan1["b0"][1])
-        procs = [spawn_sender("fp8", job(rx, "prefill-0", 10, plan0)), spawn_sender("fp8", job(rx, "prefill-1", 11, plan1))]
+        procs = [spawn_sender("fp8", job(rx, "prefill-0", 10, plan0)),
+                 spawn_sender("fp8", job(rx, "prefill-1", 11, plan1))]
         time.sleep(0.5)  # the other two are expected after their senders began: announcements wait in the store
         rx.expect("a1", "prefill-0", plan0["a1"][1])
         rx.expect("b1", "prefill-1", plan1["b1"][1])

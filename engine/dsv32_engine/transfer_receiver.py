@@ -38,7 +38,13 @@ class _Peer:
 
 
 class KVReceiver:
-    """Decode-worker side: hosts the TCPStore; ``expect`` → ``poll``/``wait`` → ``release``."""
+    """Decode-worker side: hosts the TCPStore; ``expect`` → ``poll``/``wait`` → ``release``.
+
+    ``host``: the address prefill workers reach this worker at (the store listens on ``port``, 0 = any free
+    one; gloo binds to ``host``). ``timeout_s`` bounds the wait for a transfer's announcement and, from
+    there, the transfer. ``window_bytes``: receives kept posted. ``ordered``: as for ``KVSender``.
+    Transfers are kept until ``release``.
+    """
 
     def __init__(self, cache, host: str, port: int, worker_id: str, timeout_s: float = 30,
                  window_bytes: int = 32 << 20, ordered: bool | None = None):
@@ -182,7 +188,8 @@ class KVReceiver:
         mine = (t.num_layers, len(t.pages), self._pages.latent_page_bytes, self._pages.index_page_bytes)
         theirs = (ann.num_layers, ann.num_pages, ann.latent_page_bytes, ann.index_page_bytes)
         if mine != theirs:
-            return f"geometry mismatch (layers, pages, latent page bytes, index page bytes): sender {theirs}, receiver {mine}"
+            return (f"geometry mismatch (layers, pages, latent page bytes, index page bytes): "
+                    f"sender {theirs}, receiver {mine}")
         return None
 
     def _group_for(self, ann: Announcement, deadline: float) -> PairGroup:

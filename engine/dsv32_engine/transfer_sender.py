@@ -51,7 +51,14 @@ class SendHandle:
 
 
 class KVSender:
-    """Prefill-worker side: ``begin`` → ``send_layer`` × layers → ``finish``; ``poll`` any time."""
+    """Prefill-worker side: ``begin`` → ``send_layer`` × layers → ``finish``; ``poll`` any time.
+
+    ``cache``: anything with ``layout``, ``latent`` and ``index`` (per-layer page pools). ``timeout_s``
+    bounds each transfer from ``begin``. ``window_bytes``: messages in flight (and as many queued);
+    ``chunk_bytes``: size of one message. ``ordered``: issue a pair's transfers one after another (what
+    NCCL needs; default: on CUDA only; must match the receiver). ``fault``: see ``FAULT_ENV``. The source
+    pages must stay unchanged until ``finish`` returns or ``poll`` says SUCCESS or FAILED.
+    """
 
     def __init__(self, cache, worker_id: str, timeout_s: float = 30, window_bytes: int = 32 << 20,
                  ordered: bool | None = None, fault: str | None = None, chunk_bytes: int = 2 << 20):
