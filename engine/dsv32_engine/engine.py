@@ -166,28 +166,23 @@ class EngineCore:
                 raise ValueError(f"request {r.request_id}: {len(r.page_ids)} pages cannot hold {len(r.prompt_ids)} tokens")
             req.pages = list(r.page_ids)
             states.append(req)
+        # The whole batch runs as one layer-major forward: each layer's cache is complete (every token of
+        # every prompt) when ``on_layer_done`` fires, so the KV sender overlaps the transfer of layer l with
+        # the compute of layers > l even for long prompts. Attention is computed in query blocks of
+        # ``max_num_batched_tokens`` so memory stays bounded (chunked prefill without losing the overlap).
+        chunks = [ScheduledChunk(s, 0, s.num_tokens) for s in states]
+        logits = self._forward(chunks, on_layer_done, query_block=self.max_num_batched_tokens)
         results: dict[str, StepOutput] = {}
-        while any(s.num_computed < s.num_tokens for s in states):
-            budget, chunks = self.max_num_batched_tokens, []
-            for s in states:
-                left = s.num_tokens - s.num_computed
-                if left and budget > 0:
-                    n = min(left, budget)
-                    chunks.append(ScheduledChunk(s, s.num_computed, n))
-                    budget -= n
-            last = all(c.start + c.num == c.request.num_tokens for c in chunks) and \
-                all(s.num_computed == s.num_tokens or any(c.request is s for c in chunks) for s in states)
-            logits = self._forward(chunks, on_layer_done if last else None)
-            for req, out in self._sample([c.request for c in chunks if c.samples], logits):
-                out.finished = bool(self._stop_reason(req, out.token_id, first=True))
-                out.finish_reason = self._stop_reason(req, out.token_id, first=True)
-                results[req.request_id] = out
-            for c in chunks:
-                c.request.num_computed = c.start + c.num
+        for req, out in self._sample([c.request for c in chunks], logits):
+            out.finish_reason = self._stop_reason(req, out.token_id, first=True)
+            out.finished = out.finish_reason is not None
+            results[req.request_id] = out
+        for c in chunks:
+            c.request.num_computed = c.num
         return [results[r.request_id] for r in reqs]
 
     # -- internals -----------------------------------------------------------------------
-    def _forward(self, chunks: list[ScheduledChunk], on_layer_done=None) -> torch.Tensor:
+    def _forward(self, chunks: list[ScheduledChunk], on_layer_done=None, query_block: int | None = None) -> torch.Tensor:
         ids, pos, seqs, logit_rows = [], [], [], []
         for c in chunks:
             toks = c.request.all_ids[c.start:c.start + c.num]
@@ -208,7 +203,7 @@ class EngineCore:
                                   + torch.arange(s.context_len - s.num_new, s.context_len, device=dev) % self.layout.page_size
                                   for s in seqs])
         batch = ForwardBatch(torch.tensor(ids, dtype=torch.long, device=dev), positions, slot_mapping, seqs,
-                             torch.tensor(logit_rows, dtype=torch.long, device=dev), on_layer_done)
+                             torch.tensor(logit_rows, dtype=torch.long, device=dev), on_layer_done, query_block)
         self.stats["forward_calls"] += 1
         logits = self.model(batch, self.cache)
         if self.sampleable_vocab < logits.shape[-1]:  # never sample ids the tokenizer lacks

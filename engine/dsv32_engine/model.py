@@ -46,6 +46,7 @@ class ForwardBatch:
     seqs: list[SeqSpan]
     logits_indices: torch.Tensor  # token rows whose logits are wanted
     on_layer_done: Callable[[int], None] | None = None
+    query_block: int | None = None  # prefill attention in blocks of this many queries (bounded memory)
     # filled by the forward when asked: per layer, per sequence, the selected logical positions
     record_topk: list | None = field(default=None)
 
@@ -168,18 +169,28 @@ class MLA(nn.Module):
         c_ctx, kpe_ctx = lat[:, : self.rank], lat[:, self.rank:]
         kv = self.kv_b_proj(c_ctx).view(L, H, self.nope + self.v_dim)
         k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
-        scores = (torch.einsum("nhd,lhd->hnl", q_nope, k_nope) + torch.einsum("nhr,lr->hnl", q_pe, kpe_ctx)) * self.scale
-        q_pos = torch.arange(L - n, L, device=q_nope.device)
-        visible = pos_ctx[None, :] <= q_pos[:, None]  # [n, L] causal
-        sel = None if idx is None else self._select(idx[0], idx[1], cache.index[self.layer], slots, visible)
-        if sel is not None:
-            chosen = torch.zeros_like(visible).scatter_(1, sel, True)
-            visible = visible & chosen
-        if batch.record_topk is not None:
-            batch.record_topk.append((self.layer, s, visible.clone()))
-        scores = scores.masked_fill(~visible[None], float("-inf"))
-        p = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-        return torch.einsum("hnl,lhd->nhd", p, v)
+        # Queries go in blocks so that the [H, block, L] scores stay bounded for long prompts; the
+        # whole prompt still runs layer by layer, so each layer's cache can be shipped when it is done.
+        block = batch.query_block or n
+        out = q_nope.new_empty(n, H, self.v_dim)
+        recorded: list[torch.Tensor] = []
+        for a in range(0, n, block):
+            b = min(n, a + block)
+            q_pos = torch.arange(L - n + a, L - n + b, device=q_nope.device)
+            visible = pos_ctx[None, :] <= q_pos[:, None]  # [b - a, L] causal
+            sel = None if idx is None else self._select(idx[0][a:b], idx[1][a:b], cache.index[self.layer], slots, visible)
+            if sel is not None:
+                visible = visible & torch.zeros_like(visible).scatter_(1, sel, True)
+            if batch.record_topk is not None:
+                recorded.append(visible.clone())
+            scores = (torch.einsum("nhd,lhd->hnl", q_nope[a:b], k_nope)
+                      + torch.einsum("nhr,lr->hnl", q_pe[a:b], kpe_ctx)) * self.scale
+            scores = scores.masked_fill(~visible[None], float("-inf"))
+            p = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+            out[a:b] = torch.einsum("hnl,lhd->nhd", p, v)
+        if recorded:
+            batch.record_topk.append((self.layer, s, torch.cat(recorded)))
+        return out
 
     # -- decode: absorbed MLA in latent space, batched ---------------------------------
     def _decode(self, q_nope, q_pe, idx, seqs: list[SeqSpan], cache, batch) -> torch.Tensor:
