@@ -21,7 +21,7 @@ import torch
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint dir (default: make the 'small' preset in a temp dir)")
     p.add_argument("--preset", default="small")
-    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=512, help="context each request decodes against")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--batches", default="1,16")
     p.add_argument("--dsa-batch", type=int, default=8)
