@@ -14,7 +14,8 @@ import sys
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("dsv32_engine.demo", "the embedded default: tiny checkpoint, local cluster, a few requests"),
-    "up": ("dsv32_router.up", "start redis, a router, prefill and decode workers on this machine"),
+    "up": ("dsv32_router.up", "start redis, a router, prefill and decode workers on this machine "
+                               "(--colocated: the baseline, workers doing both)"),
     "router": ("dsv32_router.server", "run the public gRPC router"),
     "prefill": ("dsv32_prefill.worker", "run a prefill worker"),
     "decode": ("dsv32_decode.worker", "run a decode worker (one expert-parallel group)"),
