@@ -264,8 +264,14 @@ def test_naive_prefill_chain_equals_engine_prefill(loaded):
         span = SeqSpan(0, n, L, r.table)
         rec: list = []
         out_engine = mla._prefill(p.q_nope[new], p.q_pe[new], (p.iq[new], p.iw[new]), span, cache,
-                                  SimpleNamespace(record_topk=rec))
+                                  SimpleNamespace(record_topk=rec, query_block=None))
         visible = rec[0][2]
+        # attention in query blocks (what EngineCore.prefill does for long prompts) changes nothing
+        rec_blocks: list = []
+        blocked = mla._prefill(p.q_nope[new], p.q_pe[new], (p.iq[new], p.iw[new]), span, cache,
+                               SimpleNamespace(record_topk=rec_blocks, query_block=7))
+        assert torch.equal(rec_blocks[0][2], visible)
+        assert torch.allclose(blocked, out_engine, atol=1e-6, rtol=0)
 
         q8, qs, w = _kernel_index_q(layout, p.iq[new], p.iw[new], mla)
         if layout.mode == "fp8":
