@@ -9,12 +9,9 @@ absolute values). The compiled fp8 MMA on Hopper adds ``2^-13·mag``.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
+from kernel_params import DEVICES  # noqa: E402  (sets TRITON_INTERPRET before triton loads)
 
 import pytest  # noqa: E402
 
@@ -23,13 +20,6 @@ from dsv32_engine import fp8  # noqa: E402
 from dsv32_engine.layout import CacheLayout  # noqa: E402
 from dsv32_kernels import testing as kt  # noqa: E402
 
-DEVICES = [
-    pytest.param("cpu", id="interp", marks=pytest.mark.skipif(
-        not K.interpreter_active(), reason="Triton interpreter inactive here (triton was imported before TRITON_INTERPRET=1, e.g. by "
-        "transformers); test_kernels_backend.py reruns these in a subprocess")),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs CUDA")]),
-]
 MODES = ["fp8", "exact"]
 NEG_INF = float("-inf")
 
