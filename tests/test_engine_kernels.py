@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -80,17 +79,9 @@ def ckpt() -> str:
 @pytest.fixture(scope="module")
 def v3_ckpt(ckpt, tmp_path_factory) -> str:
     """The same weights as a ``deepseek_v3`` checkpoint: no indexer (dense MLA)."""
-    d = tmp_path_factory.mktemp("v3") / "ckpt"
-    shutil.copytree(ckpt, d)
-    cfg = json.loads((d / "config.json").read_text())
-    for k in ("index_n_heads", "index_head_dim", "index_topk"):
-        cfg.pop(k)
-    cfg["model_type"] = "deepseek_v3"
-    (d / "config.json").write_text(json.dumps(cfg))
-    index = json.loads((d / "model.safetensors.index.json").read_text())
-    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if ".indexer." not in k}
-    (d / "model.safetensors.index.json").write_text(json.dumps(index))
-    return str(d)
+    from checkpoints import as_deepseek_v3
+
+    return as_deepseek_v3(ckpt, tmp_path_factory.mktemp("v3") / "ckpt")
 
 
 @pytest.fixture(scope="module", params=["exact", "fp8"])

@@ -146,16 +146,9 @@ def test_malformed_configs_name_the_problem(tmp_path):
 
 
 def test_deepseek_v3_config_runs_as_dense_mla(tmp_path):
-    d = _copy(tmp_path)
-    cfg = json.loads((d / "config.json").read_text())
-    for k in ("index_n_heads", "index_head_dim", "index_topk"):
-        cfg.pop(k)
-    cfg["model_type"] = "deepseek_v3"
-    (d / "config.json").write_text(json.dumps(cfg))
-    index = json.loads((d / "model.safetensors.index.json").read_text())
-    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if ".indexer." not in k}
-    (d / "model.safetensors.index.json").write_text(json.dumps(index))
-    llm = LLM(str(d), num_pages=8)
+    from checkpoints import as_deepseek_v3
+
+    llm = LLM(as_deepseek_v3(tiny_checkpoint("bf16", seed=0), tmp_path / "v3"), num_pages=8)
     assert llm.engine.model.model.layers[0].self_attn.indexer is None
     out = llm.generate([list(range(500, 600))], SamplingParams(temperature=0, max_tokens=3))[0]
     assert len(out.outputs[0].token_ids) == 3
