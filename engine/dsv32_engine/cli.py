@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bad checkpoint, config or argument: one line, not a traceback
+        if type(exc).__name__ not in ("ConfigError", "CheckpointError", "PromptTooLong"):
+            raise
+        print(f"dsv32-serve {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
