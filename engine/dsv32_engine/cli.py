@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from .config import ConfigError  # torch-free
+
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("dsv32_engine.demo", "the embedded default: tiny checkpoint, local cluster, a few requests"),
@@ -53,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # a bad checkpoint, config or argument: one line, not a traceback
-        if type(exc).__name__ not in ("ConfigError", "CheckpointError", "PromptTooLong"):
-            raise
+    except ConfigError as exc:  # a config or checkpoint we cannot serve: one line, not a traceback
         print(f"dsv32-serve {args.command}: {exc}", file=sys.stderr)
         return 2
 

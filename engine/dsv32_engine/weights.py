@@ -19,7 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from . import fp8
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 
 # Parameters kept in fp32 whatever the compute dtype (REF and HF do the same).
 FP32_PARAMS = re.compile(r"(mlp\.gate\.weight|e_score_correction_bias|indexer\.weights_proj\.weight)$")
@@ -27,7 +27,7 @@ _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|d
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A checkpoint that does not fit the config; the message names the tensor."""
 
 
