@@ -10,7 +10,7 @@ from dsv32_engine import LLM, SamplingParams
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dsv32_engine.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dsv32_serve.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -169,7 +169,7 @@ def _env_of(container: dict, secrets: dict) -> dict[str, str]:
 
 def _parse_role_cli(role: str, env: dict[str, str]):
     """What ``dsv32-serve ROLE`` would parse from this environment and no flags."""
-    from dsv32_engine.cli import build_parser
+    from dsv32_serve.cli import build_parser
 
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DSV32_")}
     with mock.patch.dict(os.environ, {**clean, **env}, clear=True):
@@ -177,7 +177,7 @@ def _parse_role_cli(role: str, env: dict[str, str]):
 
 
 def test_every_dsv32_variable_is_a_flag_of_its_role(release):
-    from dsv32_engine.cli import build_parser
+    from dsv32_serve.cli import build_parser
 
     for role in ROLES:
         flags = set(vars(build_parser([role]).parse_args([role]))) - {"command"}
@@ -336,7 +336,7 @@ def test_router_sources_can_be_restricted(chart):
 
 def _exported_metrics() -> dict[str, tuple[str, ...]]:
     """Prometheus metric name -> label names, as the processes register them."""
-    from dsv32_router import telemetry
+    from dsv32_cluster import telemetry
 
     out = {}
     for m in vars(telemetry).values():

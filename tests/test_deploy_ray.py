@@ -146,7 +146,7 @@ def test_ray_app_serves_the_offline_llm_tokens_and_shuts_down_cleanly(redis_serv
     serve = pytest.importorskip("ray.serve")
     from checkpoints import tiny_checkpoint
     from dsv32_router.client import generate
-    from dsv32_router.state import ClusterState
+    from dsv32_cluster.state import ClusterState
 
     for k, v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}.items():
         monkeypatch.setenv(k, v)

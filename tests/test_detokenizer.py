@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from dsv32_engine.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
-from dsv32_engine.tokenizer import load_tokenizer
+from dsv32_text.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
+from dsv32_text.tokenizer import load_tokenizer
 
 MULTIBYTE = "明天杭州🌤️和北京📅的天气🎉怎么样？ ümlaut — 日本語テキスト 😀😀 👩‍👩‍👧"
 

@@ -25,7 +25,7 @@ import pytest
 
 from dsv32_proto import worker_pb2, worker_pb2_grpc
 from dsv32_router.client import GenerateError, generate, stream_responses
-from dsv32_router.state import ClusterState
+from dsv32_cluster.state import ClusterState
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +119,7 @@ def _oracle(model: str) -> dict:
 def e2e(tiny_model, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("up-logs")
     err = open(log_dir / "up.stderr", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "dsv32_engine.cli", "up", "--model", tiny_model, "--prefill", "2",
+    proc = subprocess.Popen([sys.executable, "-m", "dsv32_serve.cli", "up", "--model", tiny_model, "--prefill", "2",
                              "--decode", "2", "--port", "0", "--enable-fault-injection", "--log-dir", str(log_dir),
                              "--prefill-arg=--max-num-batched-tokens=128",
                              "--grace", "5"], stdout=subprocess.PIPE, stderr=err, text=True,
@@ -170,7 +170,7 @@ def test_greedy_and_seeded_match_offline_llm_concurrently(e2e):
 
 def test_kv_really_crossed_and_a_corrupted_transfer_is_retried(e2e):
     from dsv32_engine.config import ModelConfig
-    from dsv32_engine.layout import CacheLayout
+    from dsv32_kernels.layout import CacheLayout
 
     cluster, oracle = e2e
     before = {w.worker_id: cluster.stats(w) for w in cluster.workers()}

@@ -24,7 +24,7 @@ import pytest
 
 from dsv32_proto import worker_pb2, worker_pb2_grpc
 from dsv32_router.client import GenerateError, generate, stream_responses
-from dsv32_router.state import ClusterState
+from dsv32_cluster.state import ClusterState
 from test_e2e import PROMPTS, _alive, _descendants
 
 pytestmark = pytest.mark.slow
@@ -82,7 +82,7 @@ def coloc(tiny_model, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("up-colocated-logs")
     err = open(log_dir / "up.stderr", "wb")
     # a small chunk budget: the 300-token prompt is prefilled in 3 steps mixed into the others' decodes
-    proc = subprocess.Popen([sys.executable, "-m", "dsv32_engine.cli", "up", "--model", tiny_model, "--colocated",
+    proc = subprocess.Popen([sys.executable, "-m", "dsv32_serve.cli", "up", "--model", tiny_model, "--colocated",
                              "--workers", "2", "--port", "0", "--log-dir", str(log_dir),
                              "--max-num-batched-tokens", "128", "--grace", "5"],
                             stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

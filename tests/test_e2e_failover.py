@@ -22,8 +22,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dsv32_router.client import stream_responses
-from dsv32_router.redis_server import free_port
-from dsv32_router.state import ClusterState
+from dsv32_cluster.procs import free_port
+from dsv32_cluster.state import ClusterState
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def roles(tiny_model, redis_server, tmp_path_factory):
     procs = []
     for role, flags in specs:
         with open(logs / f"{role}-{len(procs)}.log", "wb") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "dsv32_engine.cli", role, *flags], env=base,
+            procs.append(subprocess.Popen([sys.executable, "-m", "dsv32_serve.cli", role, *flags], env=base,
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     target = f"127.0.0.1:{port}"
     try:

@@ -8,45 +8,38 @@ from pathlib import Path
 
 import pytest
 
-from dsv32_engine.encoding import (
-    CompletionParseError,
-    EncodingError,
-    encode_messages,
-    parse_message_from_completion_text,
-    render_prompt_ids,
-    render_tools,
-)
-from dsv32_engine.tokenizer import load_tokenizer
+from dsv32_text.encoding import (CompletionParseError, EncodingError, encode_messages,
+                                 parse_message_from_completion_text, render_prompt_ids, render_tools)
+from dsv32_text.tokenizer import load_tokenizer
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "deepseek_v32" / "encoding"
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 D = "｜DSML｜"
 
 
-def golden(name: str) -> tuple[dict, str]:
-    data = json.loads((GOLDEN / f"test_input{name}.json").read_text(encoding="utf-8"))
+def golden(folder: Path, name: str) -> tuple[dict, str]:
+    data = json.loads((folder / f"test_input{name}.json").read_text(encoding="utf-8"))
     # The official test strips the files; only test_output.txt has a trailing newline.
-    return data, (GOLDEN / f"test_output{name}.txt").read_text(encoding="utf-8").rstrip("\n")
+    return data, (folder / f"test_output{name}.txt").read_text(encoding="utf-8").rstrip("\n")
 
 
 @pytest.mark.parametrize("name", ["", "_search_wo_date", "_search_w_date"], ids=["tools", "search_wo_date", "search_w_date"])
-def test_golden_files(name):
-    data, expected = golden(name)
+def test_golden_files(name, golden_encoding_dir):
+    data, expected = golden(golden_encoding_dir, name)
     prompt = encode_messages(data["messages"], "thinking", tools=data.get("tools"))
     assert prompt == expected
 
 
-def test_golden_tools_on_system_message():
+def test_golden_tools_on_system_message(golden_encoding_dir):
     # The official test puts the tools on messages[0] instead of passing them.
-    data, expected = golden("")
+    data, expected = golden(golden_encoding_dir, "")
     messages = copy.deepcopy(data["messages"])
     messages[0]["tools"] = data["tools"]
     assert encode_messages(messages, "thinking") == expected
     assert "tools" not in data["messages"][0]  # the kwarg path must not mutate the input
 
 
-def test_tools_block_has_the_blank_lines():
-    data, expected = golden("")
+def test_tools_block_has_the_blank_lines(golden_encoding_dir):
+    data, expected = golden(golden_encoding_dir, "")
     block = render_tools(data["tools"])
     assert "\n\n" + block + "<｜User｜>" in expected
     assert "</｜DSML｜function_calls>\n\nString and scalar" in block
@@ -89,8 +82,8 @@ def test_developer_message():
     assert out == f"{BOS}<｜User｜>\n\n# The user's message is: find it<｜Assistant｜><think>"
 
 
-def test_context_renders_only_the_tail():
-    data, expected = golden("")
+def test_context_renders_only_the_tail(golden_encoding_dir):
+    data, expected = golden(golden_encoding_dir, "")
     messages = copy.deepcopy(data["messages"])
     messages[0]["tools"] = data["tools"]
     tail = encode_messages(messages[5:], "thinking", context=messages[:5])
@@ -100,8 +93,8 @@ def test_context_renders_only_the_tail():
 
 # --- the official round trips -------------------------------------------------
 
-def test_official_round_trip_tool_call():
-    data, _ = golden("")
+def test_official_round_trip_tool_call(golden_encoding_dir):
+    data, _ = golden(golden_encoding_dir, "")
     messages = copy.deepcopy(data["messages"])
     messages[0]["tools"] = data["tools"]
     prompt = encode_messages([messages[4]], "thinking", context=messages[:4])
@@ -113,8 +106,8 @@ def test_official_round_trip_tool_call():
     assert parsed == want
 
 
-def test_official_round_trip_thinking():
-    data, _ = golden("")
+def test_official_round_trip_thinking(golden_encoding_dir):
+    data, _ = golden(golden_encoding_dir, "")
     messages = data["messages"]
     prompt = encode_messages([messages[-6]], "thinking", context=messages[:-6])
     parsed = parse_message_from_completion_text(prompt, "thinking")
@@ -171,7 +164,7 @@ BAD = {
     "truncated_invoke": ("chat", CALL[:CALL.index(">x<") + 2]),
     "empty_block": ("chat", f"\n\n<{D}function_calls>\n</{D}function_calls>{EOS}"),
     "bad_json_value": ("chat", CALL.replace('string="true">x<', 'string="false">{x<')),
-    "missing_newline": ("chat", CALL.replace(f'name="f">\n', 'name="f">')),
+    "missing_newline": ("chat", CALL.replace('name="f">\n', 'name="f">')),
     "think_in_content": ("chat", f"a<think>b{EOS}"),
     "dsml_in_reasoning": ("thinking", f"a{D}b</think>c{EOS}"),
     "bos_in_content": ("thinking", f"r</think>{BOS}c{EOS}"),

@@ -47,10 +47,11 @@ import pytest
 import torch
 
 from checkpoints import tiny_checkpoint
-from dsv32_engine import fp8, paged
+from dsv32_kernels import fp8
+from dsv32_engine import paged
 from dsv32_engine.cache import KVCache
 from dsv32_engine.config import ModelConfig
-from dsv32_engine.layout import CacheLayout
+from dsv32_kernels.layout import CacheLayout
 from dsv32_engine.model import DeepseekV32ForCausalLM, ForwardBatch, SeqSpan
 from dsv32_engine.rope import Rotary, rope_interleaved
 from dsv32_engine.weights import load_weights

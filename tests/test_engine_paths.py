@@ -9,7 +9,7 @@ import torch
 from checkpoints import tiny_checkpoint
 from dsv32_engine.cache import KVCache
 from dsv32_engine.config import ModelConfig
-from dsv32_engine.layout import CacheLayout
+from dsv32_kernels.layout import CacheLayout
 from dsv32_engine.model import DeepseekV32ForCausalLM, ForwardBatch, SeqSpan
 from dsv32_engine.weights import load_weights
 
@@ -96,7 +96,7 @@ def _perturbed_like_fp8(model, rel_rms: float, seed: int):
 
 
 def test_fp8_checkpoint_matches_bf16_within_fp8_tolerance():
-    from dsv32_engine.fp8 import FP8
+    from dsv32_kernels.fp8 import FP8
     from dsv32_engine.weights import _Reader, checkpoint_files
 
     bf16_dir, fp8_dir = tiny_checkpoint("bf16", seed=4), tiny_checkpoint("fp8", seed=4)

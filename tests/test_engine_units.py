@@ -5,13 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv32_engine import fp8
+from dsv32_kernels import fp8
 from dsv32_engine.cache import OutOfPages, PageAllocator
 from dsv32_engine.config import ModelConfig
-from dsv32_engine.layout import CacheLayout
+from dsv32_kernels.layout import CacheLayout
 from dsv32_engine.rope import rope_half, rope_interleaved, yarn_inv_freq
-
-FIXTURE = "../shared/fixtures/deepseek_v32/hf_config"
 
 
 def test_allocator_query_commit_refcounts_and_leak_check():
@@ -44,8 +42,8 @@ def test_layout_bytes_match_the_serving_formats():
         CacheLayout(100, 64, 128, mode="fp8")
 
 
-def test_official_config_parses_with_spec_values():
-    cfg = ModelConfig.from_dir(FIXTURE)
+def test_official_config_parses_with_spec_values(hf_config_dir):
+    cfg = ModelConfig.from_dir(hf_config_dir)
     assert cfg.softmax_scale == pytest.approx(0.1352338, abs=1e-7)
     assert cfg.has_indexer and cfg.is_fp8_checkpoint and cfg.is_moe_layer(3) and not cfg.is_moe_layer(2)
     inv, attn = yarn_inv_freq(cfg)

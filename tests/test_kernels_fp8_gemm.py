@@ -16,7 +16,7 @@ from kernel_params import DEVICES  # noqa: E402  (sets TRITON_INTERPRET before t
 import pytest  # noqa: E402
 
 import dsv32_kernels as K  # noqa: E402
-from dsv32_engine import fp8  # noqa: E402
+from dsv32_kernels import fp8  # noqa: E402
 from dsv32_kernels import testing as kt  # noqa: E402
 
 # name -> (x shape, N, options)

@@ -16,8 +16,8 @@ from kernel_params import DEVICES  # noqa: E402  (sets TRITON_INTERPRET before t
 import pytest  # noqa: E402
 
 import dsv32_kernels as K  # noqa: E402
-from dsv32_engine import fp8  # noqa: E402
-from dsv32_engine.layout import CacheLayout  # noqa: E402
+from dsv32_kernels import fp8  # noqa: E402
+from dsv32_kernels.layout import CacheLayout  # noqa: E402
 from dsv32_kernels import testing as kt  # noqa: E402
 
 MODES = ["fp8", "exact"]

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from dsv32_engine.cli import main
+from dsv32_serve.cli import main
 from dsv32_loadtest.fake_server import FakeGeneration, start_fake_server
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -14,8 +14,7 @@ import socket
 import grpc
 import pytest
 
-from dsv32_loadtest import (Arrival, SessionWorkload, Slo, SyntheticWorkload, TargetError, TraceWorkload,
-                            arun_load)
+from dsv32_loadtest import Arrival, SessionWorkload, Slo, SyntheticWorkload, TargetError, TraceWorkload, arun_load
 from dsv32_loadtest._api import serving_pb2 as pb
 from dsv32_loadtest.client import check_loopback
 from dsv32_loadtest.fake_server import FakeGeneration, start_fake_server

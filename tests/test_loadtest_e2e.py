@@ -29,7 +29,7 @@ def target(tiny_model, tmp_path_factory):
         pytest.fail("redis-server is not installed (./run installs it)")
     log_dir = tmp_path_factory.mktemp("loadtest-up")
     err = open(log_dir / "up.stderr", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "dsv32_engine.cli", "up", "--model", tiny_model, "--prefill", "1",
+    proc = subprocess.Popen([sys.executable, "-m", "dsv32_serve.cli", "up", "--model", tiny_model, "--prefill", "1",
                              "--decode", "1", "--port", "0", "--log-dir", str(log_dir), "--grace", "5"],
                             stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines: list[str] = []

@@ -48,7 +48,7 @@ def test_malformed_line_names_the_line(tmp_path, bad, message):
     p = _write(tmp_path / "bad.jsonl", [GOOD[0], GOOD[1], bad, GOOD[2]])
     with pytest.raises(TraceError) as e:
         read_trace(p)
-    assert f"bad.jsonl:3: " in str(e.value) and message in str(e.value)
+    assert "bad.jsonl:3: " in str(e.value) and message in str(e.value)
     with pytest.raises(TraceError, match="bad.jsonl:3: "):
         TraceWorkload(str(p))  # a trace workload parses its file up front
 
@@ -125,11 +125,11 @@ def test_invalid_workloads(make):
 
 
 def test_text_source_tokenizes_random_words():
-    pytest.importorskip("dsv32_engine.tokenizer")
+    pytest.importorskip("dsv32_text.tokenizer")
     source = TokenSource(seed=0, vocab_size=129280, source="text")
     ids = source.random(200, np.random.default_rng(0))
     assert len(ids) == 200 and max(ids) < 129280
     assert ids == TokenSource(seed=0, vocab_size=129280, source="text").random(200, np.random.default_rng(0))
-    from dsv32_engine.tokenizer import load_tokenizer
+    from dsv32_text.tokenizer import load_tokenizer
     words = load_tokenizer(None).decode(ids).split()
     assert len(words) > 100 and all(w.isalpha() for w in words[1:-1])

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from dsv32_router.state import AsyncClusterState, ClusterState, InvalidTransition, WorkerInfo
+from dsv32_cluster.state import AsyncClusterState, ClusterState, InvalidTransition, WorkerInfo
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dsv32_proto import serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
 from dsv32_router.client import GenerateError, generate, list_models, stream_responses
-from dsv32_router.redis_server import free_port
-from dsv32_router.state import ClusterState, WorkerInfo
+from dsv32_cluster.procs import free_port
+from dsv32_cluster.state import ClusterState, WorkerInfo
 
 MAX_MODEL_LEN = 512
 PAGE = 64
@@ -162,7 +162,7 @@ class FakeCluster:
 
 
 def write_model_dir(path) -> str:
-    from dsv32_engine.tokenizer import write_tokenizer_files
+    from dsv32_text.tokenizer import write_tokenizer_files
 
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps({"vocab_size": 129280, "max_position_embeddings": MAX_MODEL_LEN,
@@ -174,7 +174,7 @@ def write_model_dir(path) -> str:
 
 def start_router(model_dir: str, redis_url: str, prefix: str, *extra: str):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dsv32_engine.cli", "router", "--model", model_dir,
+    proc = subprocess.Popen([sys.executable, "-m", "dsv32_serve.cli", "router", "--model", model_dir,
                              "--served-model-name", "tiny", "--redis-url", redis_url, "--redis-prefix", prefix,
                              "--port", str(port), "--admission-timeout", "1", "--log-level", "WARNING", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -229,7 +229,7 @@ def test_stream_matches_fake_model_and_records_finish(env):
     assert out.token_ids == expected_tokens(5, 12, 3)
     assert out.finish_reason == "length" and out.usage.completion_tokens == 12 and out.usage.prompt_tokens == 5
     assert out.usage.time_to_first_token_s > 0 and out.usage.e2e_s >= out.usage.time_to_first_token_s
-    from dsv32_engine.tokenizer import load_tokenizer
+    from dsv32_text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(env[2])
     assert out.text == tok.decode(out.token_ids)
@@ -249,7 +249,7 @@ def test_max_tokens_one_skips_the_decode_stream_echo(env):
 
 def test_stop_string_cuts_text_and_frees_the_decode_worker(env):
     cluster, target, model_dir, _ = env
-    from dsv32_engine.tokenizer import load_tokenizer
+    from dsv32_text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     full = expected_tokens(4, 40, 11)
@@ -482,8 +482,8 @@ def test_no_workers_is_unavailable(router_env, tmp_path):
 
 def test_router_never_imports_torch():
     code = ("import sys; import dsv32_router.server, dsv32_router.orchestrator, dsv32_router.client, "
-            "dsv32_router.up, dsv32_router.worker_process, dsv32_engine.tokenizer, dsv32_engine.detokenizer, "
-            "dsv32_engine.encoding; from dsv32_engine import cli; cli.build_parser(['router']); "
+            "dsv32_serve.up, dsv32_cluster.runtime, dsv32_text.tokenizer, dsv32_text.detokenizer, "
+            "dsv32_text.encoding; from dsv32_engine import cli; cli.build_parser(['router']); "
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
             "assert not bad, bad; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -521,9 +521,9 @@ def test_tracing_and_metrics_when_enabled(router_env):
 
 def test_generate_cli_streams_text_from_a_cluster(env):
     _, target, model_dir, _ = env
-    from dsv32_engine.tokenizer import load_tokenizer
+    from dsv32_text.tokenizer import load_tokenizer
 
-    out = subprocess.run([sys.executable, "-m", "dsv32_engine.cli", "generate", "--target", target, "Hello",
+    out = subprocess.run([sys.executable, "-m", "dsv32_serve.cli", "generate", "--target", target, "Hello",
                           "--max-tokens", "5", "--temperature", "0", "--seed", "3"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

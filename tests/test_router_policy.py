@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dsv32_router.policy import NeverFits, NoCapacity, NoWorkers, PairPolicy
-from dsv32_router.state import WorkerInfo
+from dsv32_cluster.state import WorkerInfo
 
 
 def D(wid, free=100, total=100, running=0):

@@ -13,7 +13,7 @@ EOS = 1
 
 @pytest.fixture(scope="module")
 def tok():
-    from dsv32_engine.tokenizer import load_tokenizer
+    from dsv32_text.tokenizer import load_tokenizer
 
     return load_tokenizer(None)
 

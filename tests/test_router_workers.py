@@ -26,7 +26,7 @@ DECODE_PAGES = 12
 def workers(tiny_model):
     from dsv32_decode.worker import DecodeService
     from dsv32_engine.engine import EngineCore
-    from dsv32_engine.transfer_fake import FakeKVReceiver, FakeKVSender, FakeTransferHub
+    from dsv32_engine.transfer.fake import FakeKVReceiver, FakeKVSender, FakeTransferHub
     from dsv32_prefill.scheduler import PrefillScheduler
     from dsv32_prefill.worker import PrefillService
 

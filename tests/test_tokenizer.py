@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dsv32_engine import tokenizer as tokmod
-from dsv32_engine.tokenizer import DSML_TOKEN, load_tokenizer, write_tokenizer_files
-
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "deepseek_v32"
+from dsv32_text import tokenizer as tokmod
+from dsv32_text.tokenizer import DSML_TOKEN, load_tokenizer, write_tokenizer_files
 
 TEXTS = {
     "ascii": "Hello world! How are you?",
@@ -110,10 +108,10 @@ def test_add_dsml_token_appends_without_placeholder():
     assert sum(t["content"] == DSML_TOKEN for t in data["added_tokens"]) == 1
 
 
-def test_written_files(tmp_path, tok):
+def test_written_files(tmp_path, tok, hf_config_dir):
     paths = write_tokenizer_files(tmp_path / "ckpt")
     assert sorted(p.name for p in paths) == ["tokenizer.json", "tokenizer_config.json"]
-    official = json.loads((FIXTURES / "hf_config" / "tokenizer_config.json").read_text(encoding="utf-8"))
+    official = json.loads((hf_config_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert json.loads(paths[1].read_text(encoding="utf-8")) == official
     loaded = load_tokenizer(str(tmp_path / "ckpt"))
     assert loaded.source.endswith("tokenizer.json") and loaded.dsml_token_id == 128793
@@ -139,8 +137,8 @@ def test_text_layer_does_not_import_torch():
     engine_dir = Path(tokmod.__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(engine_dir), os.environ.get("PYTHONPATH", "")]))
     code = (
-        "import dsv32_engine.tokenizer, dsv32_engine.encoding, dsv32_engine.detokenizer, sys; "
-        "dsv32_engine.tokenizer.load_tokenizer(None).encode('x'); "
+        "import dsv32_text.tokenizer, dsv32_text.encoding, dsv32_text.detokenizer, sys; "
+        "dsv32_text.tokenizer.load_tokenizer(None).encode('x'); "
         "assert 'torch' not in sys.modules, 'torch was imported'; "
         "assert 'transformers' not in sys.modules, 'transformers was imported'"
     )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from dsv32_engine.layout import CacheLayout
+from dsv32_kernels.layout import CacheLayout
 from dsv32_engine.transfer import KVPoll, KVReceiver, KVSender, TransferError, cache_checksum
 
 LAYERS, PAGES = 4, 16

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dsv32_engine.transfer import KVPoll, TransferError, cache_checksum
-from dsv32_engine.transfer_fake import FakeKVReceiver, FakeKVSender, FakeTransferHub
+from dsv32_engine.transfer.fake import FakeKVReceiver, FakeKVSender, FakeTransferHub
 from test_transfer import assert_landed, assert_zero_except, make_cache
 
 

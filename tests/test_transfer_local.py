@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dsv32_engine.transfer import KVPoll, KVReceiver, KVSender, TransferError, cache_checksum
-from dsv32_engine.transfer_pages import Checksum
-from dsv32_engine.transfer_pair import SEQ_MOD, Announcement, chunk_ranges, pages_per_chunk, tag
+from dsv32_engine.transfer.pages import Checksum
+from dsv32_engine.transfer.pair import SEQ_MOD, Announcement, chunk_ranges, pages_per_chunk, tag
 from test_transfer import assert_landed, assert_zero_except, make_cache
 
 pytestmark = pytest.mark.timeout(60)

@@ -16,14 +16,14 @@ import time
 
 import pytest
 
-from dsv32_router.state import ClusterState
+from dsv32_cluster.state import ClusterState
 from test_e2e import _alive, _descendants
 
 pytestmark = pytest.mark.slow
 
 
 def test_up_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "dsv32_engine.cli", "up", "--model", str(tmp_path), "--port", "0"],
+    out = subprocess.run([sys.executable, "-m", "dsv32_serve.cli", "up", "--model", str(tmp_path), "--port", "0"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "not a checkpoint directory" in out.stderr
 
@@ -32,7 +32,7 @@ def test_up_with_an_external_redis_then_sigkill_leaves_no_orphans(tiny_model, re
     url = f"redis://{redis_server.host}:{redis_server.port}/3"
     state = ClusterState.from_url(url, "upk:")
     state.client.flushdb()
-    proc = subprocess.Popen([sys.executable, "-m", "dsv32_engine.cli", "up", "--model", tiny_model, "--redis-url", url,
+    proc = subprocess.Popen([sys.executable, "-m", "dsv32_serve.cli", "up", "--model", tiny_model, "--redis-url", url,
                              "--redis-prefix", "upk:", "--port", "0", "--num-pages", "32", "--log-dir", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -69,7 +69,7 @@ def test_up_with_an_external_redis_then_sigkill_leaves_no_orphans(tiny_model, re
 
 def test_a_wrapped_program_dies_with_its_parent(tmp_path):
     # what `up` does for redis-server: the parent is SIGKILLed, the child gets SIGTERM from the kernel
-    code = ("import sys, time; from dsv32_router.redis_server import RedisServer; "
+    code = ("import sys, time; from dsv32_cluster.redis_server import RedisServer; "
             f"r = RedisServer(workdir={str(tmp_path)!r}, die_with_parent=True).start(); "
             "print(r.proc.pid, flush=True); time.sleep(60)")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

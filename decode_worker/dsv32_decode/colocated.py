@@ -29,10 +29,10 @@ import socket
 
 import grpc
 
-from dsv32_decode.queues import Admission
-from dsv32_decode.worker import DecodeService, serve
-from dsv32_router.parent import die_with_parent
-from dsv32_router.worker_process import add_engine_arguments, engine_params, make_engine
+from .queues import Admission
+from .worker import DecodeService, serve
+from dsv32_cluster.parent import die_with_parent
+from dsv32_cluster.runtime import add_engine_arguments, engine_params, make_engine
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -16,11 +16,11 @@ import uuid
 
 import grpc
 
-from dsv32_decode.queues import Admission, PreallocQueue, RunningBatch
+from .queues import Admission, PreallocQueue, RunningBatch
 from dsv32_proto import worker_pb2, worker_pb2_grpc
-from dsv32_router.parent import die_with_parent
-from dsv32_router.worker_process import (add_engine_arguments, advertised_host, engine_params, env, make_engine,
-                                         serve_worker, step_output, token_pb)
+from dsv32_cluster.parent import die_with_parent
+from dsv32_cluster.runtime import (add_engine_arguments, advertised_host, engine_params, env, make_engine,
+                                   serve_worker, step_output, token_pb)
 
 log = logging.getLogger("dsv32_decode")
 

@@ -5,7 +5,7 @@
     decode              replicas run `dsv32-serve decode`   — one EP group (size 1) each
 
 A replica is a supervisor of one child process, the very process `dsv32-serve up`
-starts for that role (``python -m dsv32_engine.cli ROLE ...``, configured by
+starts for that role (``python -m dsv32_serve.cli ROLE ...``, configured by
 flags), so the three ways of running the system (up, Helm, Ray) run the same
 binaries. Ray places the replica, and so its process, on a node with the
 replica's resources (``num_gpus`` for workers on GPU nodes).
@@ -51,8 +51,6 @@ import functools
 import math
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,11 +58,12 @@ import urllib.request
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from dsv32_cluster.procs import WILDCARD_HOSTS, RoleProcess, free_port
+
 ROLES = ("router", "prefill", "decode")
 LOAD_METRIC = "dsv32_load"
 DEFAULT_TARGET_LOAD = {"router": 128.0, "prefill": 8192.0, "decode": 48.0}
 """Per replica: router in-flight + waiting requests; prefill queued tokens; decode running + reserved requests."""
-WILDCARDS = ("", "0.0.0.0", "::", "[::]")
 
 
 # -- configuration -----------------------------------------------------------------------
@@ -173,51 +172,6 @@ class LoadPolicy:
 
 # -- the child process ---------------------------------------------------------------------
 
-class RoleProcess:
-    """One ``dsv32-serve ROLE`` process, a child of the replica, in its own session."""
-
-    def __init__(self, role: str, argv: list[str], env: dict[str, str], log_path: Path):
-        self.role, self.log_path = role, log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        # Spawned from the replica's constructor thread, which lives as long as the
-        # replica: the child's parent-death signal fires when the replica process dies.
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "dsv32_engine.cli", role, *argv], env=env,
-                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
-
-    def exited(self) -> int | None:
-        return self.proc.poll()
-
-    def tail(self, n: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def died(self, what: str) -> RuntimeError:
-        return RuntimeError(f"{self.role} process {what} (exit status {self.proc.poll()}); "
-                            f"last lines of {self.log_path}:\n{self.tail()}")
-
-    def stop(self, grace_s: float) -> None:
-        """SIGTERM to the process group, SIGKILL to whatever is left after ``grace_s`` (as ``up`` does)."""
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.proc.pid, sig)  # it leads its own session: pgid == pid
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                self.proc.wait(wait_s)
-            except subprocess.TimeoutExpired:
-                pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Replica:
     """What the three deployments share: start the child, wait until ready, supervise, stop."""
 
@@ -230,12 +184,14 @@ class _Replica:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         log_dir = Path(self.cfg.log_dir or tempfile.mkdtemp(prefix=f"dsv32-ray-{self.role}-"))
         self.advertise = self.cfg.advertise_host or (
-            self.cfg.host if self.cfg.host not in WILDCARDS else _node_ip())
-        env = {**os.environ, **self.cfg.env, "PYTHONUNBUFFERED": "1", "DSV32_PARENT_PID": str(os.getpid())}
+            self.cfg.host if self.cfg.host not in WILDCARD_HOSTS else _node_ip())
+        env = {**os.environ, **self.cfg.env}
         argv = ["--model", self.cfg.model, "--numerics", self.cfg.numerics, "--redis-url", self.cfg.redis_url,
                 "--redis-prefix", self.cfg.redis_prefix, "--host", self.cfg.host, *self.role_flags(),
                 *getattr(self.cfg, self.role).args]
-        self.child = RoleProcess(self.role, argv, env, log_dir / f"{self.role}-{self.replica_id}.log")
+        # Spawned from the replica's constructor thread, which lives as long as the
+        # replica: the child's parent-death signal fires when the replica process dies.
+        self.child = RoleProcess(self.role, [self.role, *argv], log_dir / f"{self.role}-{self.replica_id}.log", env)
         try:
             self.wait_ready(time.monotonic() + self.cfg.ready_timeout_s)
         except BaseException:
@@ -283,7 +239,7 @@ class WorkerReplica(_Replica):
 
     @functools.cached_property
     def state(self):
-        from dsv32_router.state import ClusterState
+        from dsv32_cluster.state import ClusterState
 
         return ClusterState.from_url(self.cfg.redis_url, self.cfg.redis_prefix)
 
@@ -338,7 +294,7 @@ class RouterReplica(_Replica):
         # the router finds the workers through Redis, not through these handles.
         self.workers = {"prefill": prefill, "decode": decode}
         self.port = 0
-        self.metrics_port = _free_port()
+        self.metrics_port = free_port()
         self.ready_file = Path(tempfile.mkdtemp(prefix="dsv32-ray-router-")) / "ready"
         super().__init__(config)
 
@@ -465,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
 
     redis = None
     if not a.redis_url:
-        from dsv32_router.redis_server import RedisServer
+        from dsv32_cluster.redis_server import RedisServer
 
         redis = RedisServer(die_with_parent=True).start()
     stop = []

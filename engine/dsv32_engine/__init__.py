@@ -1,8 +1,10 @@
-"""dsv32_engine: the model, cache, sampler and scheduler shared by both worker kinds.
+"""dsv32_engine: the model, cache, sampler, scheduler, weights and ``LLM``, shared by every worker kind.
 
-The package initialises lazily: ``import dsv32_engine.tokenizer`` (and the
-encoding and detokenizer modules) must not pull torch in, because the router
-uses them and never imports torch. Heavy names are resolved on first access.
+A library: it imports only the kernels (:mod:`dsv32_kernels`, with the cache
+byte layouts and FP8 helpers) and the torch-free text layer (:mod:`dsv32_text`),
+never anything above it. The KV transfer is the subpackage :mod:`.transfer`.
+The package initialises lazily (heavy names are resolved on first access), so
+that importing a torch-free module such as :mod:`.config` does not pull torch in.
 """
 
 from __future__ import annotations

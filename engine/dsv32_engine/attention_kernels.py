@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from . import fp8
+from dsv32_kernels import fp8
 from .rope import rope_interleaved
 
 ATTENTION_BACKENDS = ("torch", "kernels")

@@ -146,14 +146,14 @@ def bench_dsa_step(llm, batch: int, repeats: int) -> dict:
 
 
 def cache_bytes(model_dir: str) -> list[dict]:
+    from dsv32_kernels.layout import CacheLayout
+
+    from .checkpoint_maker import DEEPSEEK_V32
     from .config import ModelConfig
-    from .layout import CacheLayout
 
     out = []
-    fixture = Path(__file__).resolve().parents[2].parent / "shared/fixtures/deepseek_v32/hf_config"
-    sources = [("bench checkpoint", model_dir)] + ([("DeepSeek-V3.2 config", str(fixture))] if fixture.is_dir() else [])
-    for name, d in sources:
-        cfg = ModelConfig.from_dir(d)
+    for name, cfg in (("bench checkpoint", ModelConfig.from_dir(model_dir)),
+                      ("DeepSeek-V3.2 config", ModelConfig.from_dict(DEEPSEEK_V32))):
         expanded = CacheLayout.expanded_kv_token_bytes(cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim)
         for mode, dt in (("fp8", torch.bfloat16), ("exact", torch.bfloat16)):
             lay = CacheLayout(cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_head_dim, mode=mode, dtype=dt)

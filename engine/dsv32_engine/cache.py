@@ -13,7 +13,7 @@ from collections import deque
 
 import torch
 
-from .layout import CacheLayout
+from dsv32_kernels.layout import CacheLayout
 
 
 class OutOfPages(RuntimeError):

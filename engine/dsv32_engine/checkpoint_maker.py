@@ -1,4 +1,4 @@
-"""``dsv32-serve make-checkpoint``: random-weights checkpoints in the exact HF layout.
+"""Random-weights checkpoints in the exact HF layout (the library behind ``dsv32-serve make-checkpoint``).
 
 Writes config.json, generation_config.json, tokenizer files and sharded
 safetensors with ``model.safetensors.index.json``, seeded and reproducible.
@@ -14,7 +14,6 @@ uniform nor one-hot), distinct indexer scores, and logits with a clear argmax.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
@@ -22,9 +21,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import fp8
+from dsv32_kernels import fp8
 from .config import ModelConfig
-from .layout import CacheLayout
+from dsv32_kernels.layout import CacheLayout
 from .model import DeepseekV32ForCausalLM
 
 _ROPE = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
@@ -46,6 +45,12 @@ PRESETS: dict[str, dict] = {
                   num_experts_per_tok=8, n_group=8, topk_group=4, index_n_heads=16, index_topk=256,
                   max_position_embeddings=16384),
 }
+# The published DeepSeek-V3.2 geometry (its config.json), for benchmarks that report figures at the
+# real shapes; far too large to make as a checkpoint here.
+DEEPSEEK_V32: dict = dict(_COMMON, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                          num_hidden_layers=61, first_k_dense_replace=3, num_attention_heads=128, q_lora_rank=1536,
+                          n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4, index_n_heads=64,
+                          index_topk=2048, max_position_embeddings=163840, num_key_value_heads=128)
 # matrices stored in FP8 by the real checkpoint (spec §8)
 _FP8_WEIGHTS = re.compile(r"(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|down_proj"
                           r"|indexer\.wq_b|indexer\.wk)\.weight$")
@@ -143,25 +148,6 @@ def make_checkpoint(out: str | Path, preset: str | None = "tiny", config: dict |
     (out / "generation_config.json").write_text(json.dumps(
         {"_from_model_config": True, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
          "do_sample": True, "temperature": 1.0, "top_p": 0.95}, indent=2))
-    from .tokenizer import write_tokenizer_files
+    from dsv32_text.tokenizer import write_tokenizer_files
     write_tokenizer_files(out)
     return out
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    src.add_argument("--config", help="a config.json to use instead of a preset")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--dtype", choices=["bf16", "fp8", "fp32"], default="bf16")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-mb", type=int, default=64, help="maximum shard size")
-    p.add_argument("--no-mtp", action="store_true", help="leave out the MTP layer")
-
-
-def run(args: argparse.Namespace) -> int:
-    config = json.loads(Path(args.config).read_text()) if args.config else None
-    out = make_checkpoint(args.out, preset=None if config else args.preset, config=config, dtype=args.dtype,
-                          seed=args.seed, shard_mb=args.shard_mb, with_mtp=not args.no_mtp)
-    print(f"wrote {out}")
-    return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v32", "deepseek_v3")

@@ -21,7 +21,7 @@ import torch
 from .attention_kernels import resolve_backend, set_attention_backend
 from .cache import KVCache, PageAllocator
 from .config import ModelConfig
-from .layout import CacheLayout
+from dsv32_kernels.layout import CacheLayout
 from .model import DeepseekV32ForCausalLM, ForwardBatch, SeqSpan
 from .sampler import sample, top_logprobs
 from .sampling_params import SamplingParams
@@ -79,7 +79,7 @@ class EngineCore:
         # "torch" (MLA._prefill/_decode) or "kernels" (attention_kernels.py: dsv32_kernels ops, Triton on CUDA)
         self.attention_backend = resolve_backend(attention_backend, self.device)
         set_attention_backend(self.model, self.attention_backend)
-        from .tokenizer import load_tokenizer
+        from dsv32_text.tokenizer import load_tokenizer
         self.tokenizer = load_tokenizer(self.model_dir)
         self.sampleable_vocab = min(cfg.vocab_size, self.tokenizer.vocab_size)
         self.max_model_len = min(cfg.max_position_embeddings, max_model_len or cfg.max_position_embeddings)

@@ -6,9 +6,9 @@ left in the engine), then run together through continuous batching.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
-from .detokenizer import IncrementalDetokenizer, find_stop
+from dsv32_text.detokenizer import IncrementalDetokenizer, find_stop
 from .engine import EngineCore, StepOutput
 from .outputs import CompletionOutput, RequestOutput
 from .sampling_params import SamplingParams
@@ -46,7 +46,7 @@ class LLM:
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None, thinking: bool = False,
              tools: list[dict] | None = None) -> RequestOutput:
-        from .encoding import render_prompt_ids
+        from dsv32_text.encoding import render_prompt_ids
         ids = render_prompt_ids(self.tokenizer, messages, "thinking" if thinking else "chat", tools=tools)
         return self.generate([ids], sampling_params)[0]
 

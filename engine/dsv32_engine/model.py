@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fp8, paged
+from dsv32_kernels import fp8
+from . import paged
 from .config import ModelConfig
-from .layout import CacheLayout
+from dsv32_kernels.layout import CacheLayout
 from .rope import Rotary, rope_half, rope_interleaved
 
 

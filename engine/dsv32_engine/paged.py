@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from . import fp8
-from .layout import CacheLayout
+from dsv32_kernels import fp8
+from dsv32_kernels.layout import CacheLayout
 
 
 def slots_for(block_table: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:

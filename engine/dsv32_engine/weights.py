@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from . import fp8
+from dsv32_kernels import fp8
 from .config import ConfigError, ModelConfig
 
 # Parameters kept in fp32 whatever the compute dtype (REF and HF do the same).

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
-from dsv32_engine import fp8
-from dsv32_engine.layout import CacheLayout
+from . import fp8
+from .layout import CacheLayout
 
 from . import dispatch as kb
 from .fp8_gemm import fp8_gemm, naive_fp8_gemm

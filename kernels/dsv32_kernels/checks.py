@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from dsv32_engine.layout import CacheLayout
+from .layout import CacheLayout
 
 
 def expect(t: torch.Tensor, name: str, shape: Sequence[int | None], *, dtypes: Sequence[torch.dtype] = (),

@@ -12,7 +12,7 @@ Hopper fp8 MMA). K and N need not be multiples of 128.
 from __future__ import annotations
 
 import torch
-from dsv32_engine import fp8
+from . import fp8
 
 from ._triton import pow2_scale_bits, quant_e4m3, round_to_bf16, tl, triton
 from .dispatch import use_triton

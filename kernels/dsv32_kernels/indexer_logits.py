@@ -19,8 +19,8 @@ cache holds rotated keys; rotate ``q`` before quantising it). Exact mode: float
 from __future__ import annotations
 
 import torch
-from dsv32_engine import fp8
-from dsv32_engine.layout import CacheLayout
+from . import fp8
+from .layout import CacheLayout
 
 from ._triton import next_pow2, tl, triton
 from .dispatch import use_triton

@@ -18,8 +18,8 @@ kernel merges the partial results by their log-sum-exp.
 from __future__ import annotations
 
 import torch
-from dsv32_engine import fp8
-from dsv32_engine.layout import FP8_TILE, CacheLayout
+from . import fp8
+from .layout import FP8_TILE, CacheLayout
 
 from ._triton import next_pow2, tl, triton
 from .dispatch import use_triton

@@ -12,7 +12,7 @@ of a dequantised bf16 workspace.
 from __future__ import annotations
 
 import torch
-from dsv32_engine.layout import CacheLayout
+from .layout import CacheLayout
 
 from .dispatch import use_triton
 from .sparse_mla_decode import check_sparse_mla_args, launch_sparse_mla, naive_sparse_mla_decode

@@ -18,8 +18,8 @@ rotation is one ``[BLOCK_T, 128] x [128, 128]`` ``tl.dot``.
 from __future__ import annotations
 
 import torch
-from dsv32_engine import fp8
-from dsv32_engine.layout import FP8_TILE, CacheLayout
+from . import fp8
+from .layout import FP8_TILE, CacheLayout
 
 from ._triton import pow2_scale_bits, quant_e4m3, round_to_bf16, tl, triton
 from .dispatch import use_triton

@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from dsv32_engine import fp8
-from dsv32_engine.layout import CacheLayout
+from . import fp8
+from .layout import CacheLayout
 
 from .store_kv import naive_store_kv
 

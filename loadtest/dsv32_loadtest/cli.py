@@ -70,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trace-time-scale", type=float, default=1.0, help="trace: replay speed-up factor")
     g.add_argument("--trace-block-size", type=int, default=512, help="trace: tokens per hash id")
     g.add_argument("--prompt-source", choices=SOURCES, default="ids",
-                   help="ids: ordinary token ids; text: tokenized random words (dsv32_engine.tokenizer)")
+                   help="ids: ordinary token ids; text: tokenized random words (dsv32_text.tokenizer)")
     g.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="let requests stop at EOS (lengths are then no longer exact)")
     g.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: server's)")

@@ -5,7 +5,7 @@ source draws ids uniformly from a range of ordinary vocabulary entries of the
 DeepSeek-V3 family (below 1000 sit bytes and specials; above 100 000 the rarer
 merges; 128 000+ are control tokens), clipped to the served model's vocabulary.
 The ``text`` source instead tokenizes seeded random English words with
-``dsv32_engine.tokenizer`` (torch-free) — closer to real text, but optional:
+``dsv32_text.tokenizer`` (torch-free) — closer to real text, but optional:
 nothing else depends on it.
 
 A prefix block keyed by a hash id is a pure function of (seed, hash id), so two
@@ -76,7 +76,7 @@ class TokenSource:
 
 def _load_encoder() -> Callable[[str], list[int]]:
     try:
-        from dsv32_engine.tokenizer import load_tokenizer
+        from dsv32_text.tokenizer import load_tokenizer
     except ImportError as e:
-        raise ValueError(f"--prompt-source text needs dsv32_engine.tokenizer: {e}") from None
+        raise ValueError(f"--prompt-source text needs dsv32_text.tokenizer: {e}") from None
     return load_tokenizer(None).encode

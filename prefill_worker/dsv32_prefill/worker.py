@@ -12,10 +12,10 @@ import socket
 
 import grpc
 
-from dsv32_router.worker_process import add_engine_arguments, engine_params, env, make_engine, serve_worker, token_pb
-from dsv32_prefill.scheduler import PrefillJob, PrefillScheduler, QueueFull
+from dsv32_cluster.runtime import add_engine_arguments, engine_params, env, make_engine, serve_worker, token_pb
+from .scheduler import PrefillJob, PrefillScheduler, QueueFull
 from dsv32_proto import worker_pb2, worker_pb2_grpc
-from dsv32_router.parent import die_with_parent
+from dsv32_cluster.parent import die_with_parent
 
 log = logging.getLogger("dsv32_prefill")
 

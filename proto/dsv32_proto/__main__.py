@@ -2,7 +2,7 @@
 
 import sys
 
-from dsv32_proto import generate
+from . import generate
 
 if __name__ == "__main__":
     print(generate(force="--force" in sys.argv[1:]))

@@ -68,12 +68,12 @@ from dataclasses import dataclass
 import grpc
 
 from dsv32_proto import serving_pb2, worker_pb2
-from dsv32_router import telemetry
-from dsv32_router.directory import WorkerDirectory
-from dsv32_router.policy import NeverFits, NoCapacity, NoWorkers, PairPolicy
-from dsv32_router.state import AsyncClusterState, InvalidTransition, WorkerInfo
-from dsv32_router.stream import TokenStream
-from dsv32_router.validation import ModelSpec, RequestError, ResolvedRequest, Sampling, resolve
+from dsv32_cluster import telemetry
+from dsv32_cluster.directory import WorkerDirectory
+from .policy import NeverFits, NoCapacity, NoWorkers, PairPolicy
+from dsv32_cluster.state import AsyncClusterState, InvalidTransition, WorkerInfo
+from .stream import TokenStream
+from .validation import ModelSpec, RequestError, ResolvedRequest, Sampling, resolve
 
 log = logging.getLogger(__name__)
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,

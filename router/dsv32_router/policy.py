@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from dsv32_router.state import WorkerInfo
+from dsv32_cluster.state import WorkerInfo
 
 
 class NoWorkers(Exception):

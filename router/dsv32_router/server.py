@@ -24,12 +24,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dsv32_proto import serving_pb2, serving_pb2_grpc
-from dsv32_router import telemetry
-from dsv32_router.directory import WorkerDirectory
-from dsv32_router.parent import die_with_parent
-from dsv32_router.orchestrator import Orchestrator, RouterLimits
-from dsv32_router.state import DEFAULT_PREFIX, AsyncClusterState
-from dsv32_router.validation import ModelSpec, RequestError
+from dsv32_cluster import telemetry
+from dsv32_cluster.directory import WorkerDirectory
+from dsv32_cluster.parent import die_with_parent
+from .orchestrator import Orchestrator, RouterLimits
+from dsv32_cluster.state import DEFAULT_PREFIX, AsyncClusterState
+from .validation import ModelSpec, RequestError
 
 log = logging.getLogger("dsv32_router")
 SERVICE = serving_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -97,7 +97,7 @@ class Router:
     def __init__(self, args: argparse.Namespace):
         if not args.model:
             raise SystemExit("router: --model (or DSV32_MODEL) is required")
-        from dsv32_engine.tokenizer import load_tokenizer
+        from dsv32_text.tokenizer import load_tokenizer
 
         self.args = args
         self.tracing = telemetry.setup_tracing("dsv32-router", args.otel_exporter)

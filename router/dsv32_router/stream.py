@@ -10,9 +10,9 @@ the stream with ``stop``; their ids are reported but add no text.
 
 from __future__ import annotations
 
-from dsv32_engine.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
+from dsv32_text.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
 from dsv32_proto import serving_pb2
-from dsv32_router.validation import ResolvedRequest
+from .validation import ResolvedRequest
 
 
 class TokenStream:

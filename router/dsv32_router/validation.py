@@ -127,7 +127,7 @@ def _prompt_ids(req: serving_pb2.GenerateRequest, tokenizer, spec: ModelSpec) ->
 
 
 def _chat_ids(chat: serving_pb2.ChatInput, tokenizer) -> list[int]:
-    from dsv32_engine.encoding import EncodingError, render_prompt_ids
+    from dsv32_text.encoding import EncodingError, render_prompt_ids
 
     if not chat.messages:
         raise invalid("chat.messages", "must not be empty")

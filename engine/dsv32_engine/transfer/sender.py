@@ -9,12 +9,12 @@ import time
 
 import torch
 
-from .transfer_issuer import SendIssuer
-from .transfer_pages import CachePages, Checksum, PageSet, StagingPool
-from .transfer_pair import (ANNOUNCE_QUEUE, RECEIVER_RANK, SENDER_RANK, Announcement, PairGroup, backend_for,
-                            build_group, checksum_key, chunk_ranges, connect_store, gen_key, group_prefix,
-                            local_address_towards, pages_per_chunk, parse_endpoint, seconds_left, tag)
-from .transfer_state import KVPoll, TransferError, TransferResult, TransferState, TransferThreads
+from .issuer import SendIssuer
+from .pages import CachePages, Checksum, PageSet, StagingPool
+from .pair import (ANNOUNCE_QUEUE, RECEIVER_RANK, SENDER_RANK, Announcement, PairGroup, backend_for, build_group,
+                   checksum_key, chunk_ranges, connect_store, gen_key, group_prefix, local_address_towards,
+                   pages_per_chunk, parse_endpoint, seconds_left, tag)
+from .state import KVPoll, TransferError, TransferResult, TransferState, TransferThreads
 
 FAULT_ENV = "DSV32_TRANSFER_FAULT"
 """Fault injection for end-to-end tests: ``corrupt-index[:N]`` or ``corrupt-latent[:N]`` flips a byte of the

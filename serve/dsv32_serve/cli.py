@@ -11,21 +11,20 @@ import argparse
 import importlib
 import sys
 
-from .config import ConfigError  # torch-free
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("dsv32_engine.demo", "the embedded default: tiny checkpoint, local cluster, a few requests"),
-    "up": ("dsv32_router.up", "start redis, a router, prefill and decode workers on this machine "
+    "demo": ("dsv32_serve.demo", "the embedded default: tiny checkpoint, local cluster, a few requests"),
+    "up": ("dsv32_serve.up", "start redis, a router, prefill and decode workers on this machine "
                                "(--colocated: the baseline, workers doing both)"),
     "router": ("dsv32_router.server", "run the public gRPC router"),
     "prefill": ("dsv32_prefill.worker", "run a prefill worker"),
-    "decode": ("dsv32_decode.worker", "run a decode worker (one expert-parallel group)"),
+    "decode": ("dsv32_decode.worker", "run a decode worker"),
     "colocated": ("dsv32_decode.colocated", "run a colocated worker (prefill and decode in one process: the baseline)"),
-    "generate": ("dsv32_engine.generate_cli", "generate text offline (--model) or from a cluster (--target)"),
-    "chat": ("dsv32_engine.chat_cli", "interactive chat with the DeepSeek-V3.2 chat encoding"),
-    "make-checkpoint": ("dsv32_engine.checkpoint_maker", "write a random-weights checkpoint in HF layout"),
-    "bench": ("dsv32_engine.bench", "benchmarks: engine | kernels | transfer"),
+    "generate": ("dsv32_serve.generate", "generate text offline (--model) or from a cluster (--target)"),
+    "chat": ("dsv32_serve.chat", "interactive chat with the DeepSeek-V3.2 chat encoding"),
+    "make-checkpoint": ("dsv32_serve.make_checkpoint", "write a random-weights checkpoint in HF layout"),
+    "bench": ("dsv32_serve.bench", "benchmarks: engine | kernels | transfer"),
     "loadtest": ("dsv32_loadtest.cli", "load-test a running cluster through the gRPC API"),
 }
 
@@ -55,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except ConfigError as exc:  # a config or checkpoint we cannot serve: one line, not a traceback
+    except Exception as exc:
+        # A config or checkpoint we cannot serve: one line, not a traceback. Only a command
+        # that imported the engine can raise ConfigError, so the others never import it.
+        config = sys.modules.get("dsv32_engine.config")
+        if config is None or not isinstance(exc, config.ConfigError):
+            raise
         print(f"dsv32-serve {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -8,11 +8,11 @@ from collections import deque
 
 import torch
 
-from .transfer_bootstrap import BootstrapQueue
-from .transfer_pages import CachePages, Checksum, PageSet, StagingPool
-from .transfer_pair import (SENDER_RANK, Announcement, PairGroup, backend_for, build_group, checksum_key,
-                            chunk_ranges, group_prefix, host_store, seconds_left, tag, wait_work)
-from .transfer_state import KVPoll, TransferError, TransferResult, TransferState, TransferThreads
+from .bootstrap import BootstrapQueue
+from .pages import CachePages, Checksum, PageSet, StagingPool
+from .pair import (SENDER_RANK, Announcement, PairGroup, backend_for, build_group, checksum_key, chunk_ranges,
+                   group_prefix, host_store, seconds_left, tag, wait_work)
+from .state import KVPoll, TransferError, TransferResult, TransferState, TransferThreads
 
 
 class _Expected:

@@ -8,7 +8,7 @@ process that has threads. So:
 * Python children (router, workers) get ``DSV32_PARENT_PID`` in their
   environment and call :func:`die_with_parent` first thing in ``run()``;
 * other programs (``redis-server``) are started through
-  ``python -m dsv32_router.parent PARENT_PID PROGRAM ARGS...``, which asks for
+  ``python -m dsv32_cluster.parent PARENT_PID PROGRAM ARGS...``, which asks for
   the signal and then ``exec``s the program (the setting survives ``exec``).
 
 Either way the child checks, after asking, that its parent is still the one
@@ -46,7 +46,7 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
 
 def wrap(argv: list[str], parent_pid: int | None = None) -> list[str]:
     """The command line that runs ``argv`` as a child that dies with ``parent_pid`` (default: this process)."""
-    return [sys.executable, "-m", "dsv32_router.parent", str(parent_pid or os.getpid()), *argv]
+    return [sys.executable, "-m", "dsv32_cluster.parent", str(parent_pid or os.getpid()), *argv]
 
 
 def main(argv: list[str]) -> None:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 
-from .transfer_pair import ANNOUNCE_QUEUE, Announcement
+from .pair import ANNOUNCE_QUEUE, Announcement
 
 
 class Claim:

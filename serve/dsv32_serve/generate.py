@@ -49,15 +49,15 @@ def run(args: argparse.Namespace) -> int:
             return 1
         sys.stdout.write("\n")
         return 0
-    from .llm import LLM
-    from .sampling_params import SamplingParams
+    from dsv32_engine.llm import LLM
+    from dsv32_engine.sampling_params import SamplingParams
 
     llm = LLM(args.model, numerics=args.numerics)
     sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
                         seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
     prompt = args.prompt
     if args.chat:
-        from .encoding import render_prompt_ids
+        from dsv32_text.encoding import render_prompt_ids
 
         prompt = render_prompt_ids(llm.tokenizer, [{"role": "user", "content": args.prompt}],
                                    "thinking" if args.thinking else "chat")

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from .transfer_pair import seconds_left, wait_work
-from .transfer_state import TransferError
+from .pair import seconds_left, wait_work
+from .state import TransferError
 
 
 class SendIssuer:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -17,14 +16,8 @@ from pathlib import Path
 
 import redis
 
-from dsv32_router import parent
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (callers retry if they lose the race)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from . import parent
+from .procs import free_port
 
 
 class RedisServer:

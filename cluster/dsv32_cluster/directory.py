@@ -10,7 +10,7 @@ import time
 import grpc
 
 from dsv32_proto import worker_pb2_grpc
-from dsv32_router.state import ROLES, AsyncClusterState, WorkerInfo
+from .state import ROLES, AsyncClusterState, WorkerInfo
 
 log = logging.getLogger(__name__)
 CHANNEL_IDLE_CLOSE_S = 30.0

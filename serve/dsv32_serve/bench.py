@@ -8,7 +8,7 @@ import importlib
 BENCHES = {
     "engine": ("dsv32_engine.bench_engine", "decode tokens/s vs transformers, DSA vs dense step, cache bytes"),
     "kernels": ("dsv32_kernels.bench", "Triton kernels vs their torch twins and the H200 roofline"),
-    "transfer": ("dsv32_engine.bench_transfer", "KV transfer vs raw torch.distributed send/recv; TTFT overlap"),
+    "transfer": ("dsv32_engine.transfer.bench", "KV transfer vs raw torch.distributed send/recv; TTFT overlap"),
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .generate_cli import add_sampling_arguments
+from .generate import add_sampling_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,9 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .encoding import parse_message_from_completion_text, render_prompt_ids
-    from .llm import LLM
-    from .sampling_params import SamplingParams
+    from dsv32_text.encoding import parse_message_from_completion_text, render_prompt_ids
+    from dsv32_engine.llm import LLM
+    from dsv32_engine.sampling_params import SamplingParams
 
     llm = LLM(args.model)
     mode = "thinking" if args.thinking else "chat"

@@ -64,10 +64,10 @@ mismatches drain the data and fail the transfer but keep the group.
 
 from __future__ import annotations
 
-from .transfer_pages import cache_checksum
-from .transfer_receiver import KVReceiver
-from .transfer_sender import FAULT_ENV, KVSender, SendHandle
-from .transfer_state import KVPoll, TransferError, TransferResult
+from .pages import cache_checksum
+from .receiver import KVReceiver
+from .sender import FAULT_ENV, KVSender, SendHandle
+from .state import KVPoll, TransferError, TransferResult
 
 __all__ = ["FAULT_ENV", "KVPoll", "KVReceiver", "KVSender", "SendHandle", "TransferError", "TransferResult",
            "cache_checksum"]

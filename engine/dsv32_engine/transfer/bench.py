@@ -37,7 +37,7 @@ from datetime import timedelta
 
 import torch
 
-from .layout import CacheLayout
+from dsv32_kernels.layout import CacheLayout
 
 ENDPOINT_HOST = "127.0.0.1"
 
@@ -100,7 +100,7 @@ def _pages(plan: dict, n: int, seed: int) -> list[int]:
 def _raw_group(endpoint: str, rank: int, timeout: float):
     import torch.distributed as dist
 
-    from .transfer_pair import connect_store, parse_endpoint
+    from .pair import connect_store, parse_endpoint
 
     host, port = parse_endpoint(endpoint)
     store = connect_store(host, port, timeout)
@@ -121,7 +121,7 @@ def _compute(kind: str, ms: float, mats) -> None:
 
 
 def _sender_main(endpoint: str, plan: dict) -> None:
-    from .transfer import KVSender
+    from . import KVSender
 
     torch.set_num_threads(1)
     layout = _layout(plan["mode"])
@@ -153,14 +153,14 @@ def _sender_main(endpoint: str, plan: dict) -> None:
 
 # -- the decode side (this process) -------------------------------------------------------------
 def _measure(plan: dict) -> list[dict]:
-    from .transfer import KVReceiver
-    from .transfer_pair import connect_store
+    from . import KVReceiver
+    from .pair import connect_store
 
     layout = _layout(plan["mode"])
     cache = _Cache(layout, plan["layers"], plan["pages"], fill=False)
     rx = KVReceiver(cache, ENDPOINT_HOST, 0, "bench-decode", timeout_s=plan["timeout"])
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "dsv32_engine.bench_transfer", "--sender", rx.endpoint,
+    proc = subprocess.Popen([sys.executable, "-m", "dsv32_engine.transfer.bench", "--sender", rx.endpoint,
                              json.dumps(plan)], env=env)
     try:
         store = connect_store(ENDPOINT_HOST, rx.port, plan["timeout"])

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Callable
 
-from dsv32_router.state import ClusterState, WorkerInfo
+from .state import ClusterState, WorkerInfo
 
 log = logging.getLogger(__name__)
 MIN_GAP_S = 0.05

@@ -2,14 +2,14 @@
 
 Starts (unless ``--redis-url`` names one) a private ``redis-server`` on a free
 port, then ``--decode`` decode workers, ``--prefill`` prefill workers and one
-router, each a separate process (``python -m dsv32_engine.cli ROLE ...``).
+router, each a separate process (``python -m dsv32_serve.cli ROLE ...``).
 Once every worker is registered in Redis and the router answers its gRPC
 health check with ``SERVING``, prints ``ready HOST:PORT`` (the router's
 endpoint) on stdout.
 
 No orphans: every child runs in its own session (so its process group can be
 signalled as a whole) and asks for SIGTERM when ``up`` dies, even by SIGKILL
-(``PR_SET_PDEATHSIG``, see :mod:`dsv32_router.parent`). Ctrl-C or SIGTERM stops the
+(``PR_SET_PDEATHSIG``, see :mod:`dsv32_cluster.parent`). Ctrl-C or SIGTERM stops the
 router, then the workers (they deregister), then Redis: SIGTERM to each
 process group, SIGKILL to whatever is left after ``--grace`` seconds. If a
 child dies on its own, ``up`` stops the rest and exits non-zero, printing the
@@ -35,16 +35,15 @@ import tempfile
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dsv32_router import parent
-from dsv32_router.redis_server import RedisServer
-from dsv32_router.state import DEFAULT_PREFIX, ClusterState
+from dsv32_cluster.procs import ChildDied, RoleProcess, cli_argv, stop_all
+from dsv32_cluster.redis_server import RedisServer
+from dsv32_cluster.state import DEFAULT_PREFIX, ClusterState
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     e = os.environ.get
@@ -76,37 +75,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL at shutdown")
 
 
-@dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen
-    log: Path
-
-    def tail(self, n: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-
 class Cluster:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="dsv32-up-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.children: list[Child] = []
+        self.children: list[RoleProcess] = []
         self.redis: RedisServer | None = None
         self.stopping = False
 
     # -- starting --------------------------------------------------------------------
-    def spawn(self, name: str, argv: list[str]) -> Child:
-        log = self.log_dir / f"{name}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", parent.ENV: str(os.getpid())}
+    def spawn(self, name: str, argv: list[str]) -> RoleProcess:
+        env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
-        with open(log, "ab") as f:
-            proc = subprocess.Popen([sys.executable, "-m", "dsv32_engine.cli", *argv], stdout=f, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        child = Child(name, proc, log)
+        child = RoleProcess(name, argv, self.log_dir / f"{name}.log", env)
         self.children.append(child)
         return child
 
@@ -161,42 +143,16 @@ class Cluster:
 
     def check_children(self) -> None:
         for c in self.children:
-            if c.proc.poll() is not None:
-                raise ChildDied(c)
+            if c.exited() is not None:
+                raise c.died("exited")
 
     # -- stopping ------------------------------------------------------------------------
     def stop(self) -> None:
         # router first (no new requests), then workers, then Redis (they deregister in it)
-        order = [c for c in self.children if c.name == "router"] + [c for c in self.children if c.name != "router"]
-        for group in (order[:1], order[1:]):
-            for c in group:
-                _signal_group(c.proc, signal.SIGTERM)
-            deadline = time.monotonic() + self.args.grace
-            for c in group:
-                try:
-                    c.proc.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
-                _signal_group(c.proc, signal.SIGKILL)  # stragglers, and grandchildren of the group
-                try:
-                    c.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    pass
+        stop_all([[c for c in self.children if c.name == "router"], [c for c in self.children if c.name != "router"]],
+                 self.args.grace)
         if self.redis is not None:
             self.redis.stop()
-
-
-class ChildDied(RuntimeError):
-    def __init__(self, child: Child):
-        super().__init__(f"{child.name} exited with status {child.proc.returncode}")
-        self.child = child
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)  # the child leads its own session, so pgid == pid
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _serving(endpoint: str) -> bool:
@@ -221,8 +177,7 @@ def ensure_model(model: str | None) -> str:
     default = Path("checkpoints/tiny").resolve()
     if not (default / "config.json").is_file():
         print(f"up: making the tiny checkpoint in {default}", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "dsv32_engine.cli", "make-checkpoint", "--preset", "tiny",
-                        "--out", str(default)], check=True)
+        subprocess.run(cli_argv("make-checkpoint", "--preset", "tiny", "--out", str(default)), check=True)
     return str(default)
 
 
@@ -269,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     except ChildDied as e:
-        print(f"up: {e}; stopping the cluster. Last lines of {e.child.log}:\n{e.child.tail()}", file=sys.stderr)
+        print(f"up: stopping the cluster: {e}", file=sys.stderr)
         code = 1
     except Exception as e:
         print(f"up: {e}", file=sys.stderr)

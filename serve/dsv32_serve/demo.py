@@ -9,7 +9,6 @@ request's TTFT and TPOT, and shuts everything down.
 from __future__ import annotations
 
 import argparse
-import sys
 import threading
 import time
 
@@ -30,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsv32_router import up
+    from . import up
     from dsv32_router.client import stream_responses
 
     lock = threading.Lock()

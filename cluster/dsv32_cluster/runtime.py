@@ -19,9 +19,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dsv32_proto import serving_pb2, worker_pb2
-from dsv32_router import telemetry
-from dsv32_router.heartbeat import Heartbeat
-from dsv32_router.state import DEFAULT_PREFIX, ClusterState, WorkerInfo
+from . import telemetry
+from .heartbeat import Heartbeat
+from .state import DEFAULT_PREFIX, ClusterState, WorkerInfo
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .transfer_state import TransferError
+from .state import TransferError
 
 SENDER_RANK, RECEIVER_RANK = 0, 1
 LAYER_BITS, CHUNK_BITS = 8, 8  # < 256 layers (DeepSeek-V3.2: 61, +1 MTP), < 256 chunks a pool a layer

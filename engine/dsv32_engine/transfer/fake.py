@@ -13,8 +13,8 @@ from __future__ import annotations
 import threading
 import time
 
-from .transfer_pages import CachePages, Checksum
-from .transfer_state import KVPoll, TransferError, TransferResult, TransferState
+from .pages import CachePages, Checksum
+from .state import KVPoll, TransferError, TransferResult, TransferState
 
 
 class FakeTransferHub:
