@@ -78,7 +78,7 @@ def test_subprocess_triton_imported_too_early_gives_a_clear_error():
     r = _run("""
         import triton, torch
         import dsv32_kernels as K
-        from dsv32_engine import fp8
+        from dsv32_kernels import fp8
         assert not K.interpreter_active()
         try:
             with K.backend("triton"):
