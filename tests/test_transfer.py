@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from dsv32_kernels.layout import CacheLayout
-from dsv32_engine.transfer import KVPoll, KVReceiver, KVSender, TransferError, cache_checksum
+from dsv32_engine.transfer import (ChecksumMismatch, KVPoll, KVReceiver, KVSender, PeerFailed, TransferError,
+                                   cache_checksum)
 
 LAYERS, PAGES = 4, 16
 
@@ -71,8 +72,9 @@ def _sender_main(spec: dict) -> None:
     for job in spec["jobs"]:
         cache = make_cache(spec["mode"], LAYERS, PAGES, job["seed"])
         tx = KVSender(cache, job["worker_id"], timeout_s=job.get("timeout", 10), ordered=job.get("ordered"),
-                      fault=job.get("fault", ""),
                       chunk_bytes=job.get("chunk_pages", 64) * cache.layout.latent_page_bytes)
+        if job.get("fault"):
+            tx.arm_fault(*job["fault"])
         batches = [[t] for t in job["transfers"]] if job.get("sequential") else [job["transfers"]]
         for batch in batches:
             handles = [tx.begin(t["tid"], job["endpoint"], job["decode_id"], t["pages"]) for t in batch]
@@ -184,7 +186,7 @@ def test_sender_death_fails_the_transfer_and_a_restarted_sender_rebuilds_the_gro
         rx.expect("doomed", "prefill-0", [0, 1, 2])
         proc = spawn_sender("fp8", job(rx, "prefill-0", 3, {"doomed": ([5, 6, 7], None)}, die_after_layer=1))
         t0 = time.monotonic()
-        with pytest.raises(TransferError, match="failed"):
+        with pytest.raises(PeerFailed):
             rx.wait("doomed", 30)
         assert rx.poll("doomed") == KVPoll.FAILED
         assert time.monotonic() - t0 < timeout  # a closed connection, not the timeout
@@ -207,10 +209,10 @@ def test_a_corrupted_indexer_page_fails_the_checksum_and_the_group_survives():
     try:
         for tid, (_, dst_pages) in plan.items():
             rx.expect(tid, "prefill-0", dst_pages)
-        sent = sender_results(spawn_sender("fp8", job(rx, "prefill-0", 4, plan, fault="corrupt-index:1",
+        sent = sender_results(spawn_sender("fp8", job(rx, "prefill-0", 4, plan, fault=["corrupt-index", 1],
                                                       sequential=True)))
         assert sent["bad"]["ok"] and sent["bad"]["checksum"] == cache_checksum(src, [1, 2])  # sender can't tell
-        with pytest.raises(TransferError, match="checksum mismatch"):
+        with pytest.raises(ChecksumMismatch):
             rx.wait("bad", 20)
         check_plan(rx, sent, src, dst, {"good": plan["good"]})
         assert rx.pair_generation("prefill-0") == 1

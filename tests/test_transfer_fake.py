@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dsv32_engine.transfer import KVPoll, TransferError, cache_checksum
+from dsv32_engine.transfer import (ChecksumMismatch, KVPoll, PeerUnreachable, TransferError, TransferTimeout,
+                                   cache_checksum)
 from dsv32_engine.transfer.fake import FakeKVReceiver, FakeKVSender, FakeTransferHub
 from test_transfer import assert_landed, assert_zero_except, make_cache
 
@@ -51,10 +52,11 @@ def test_fake_copies_pages_and_reports_like_the_real_backend(fake, expect_first)
 
 def test_fake_corruption_fails_the_checksum(fake):
     src, dst, rx, hub = fake
-    tx = FakeKVSender(src, "prefill-0", hub=hub, fault="corrupt-index:1")
+    tx = FakeKVSender(src, "prefill-0", hub=hub)
+    tx.arm_fault("corrupt-index", count=1)
     rx.expect("bad", "prefill-0", [0])
     tx.finish(send_all(tx, "bad", rx, [1]), 1)
-    with pytest.raises(TransferError, match="checksum mismatch"):
+    with pytest.raises(ChecksumMismatch):
         rx.wait("bad", 1)
     assert rx.poll("bad") == KVPoll.FAILED
     rx.expect("good", "prefill-0", [2])
@@ -66,16 +68,16 @@ def test_fake_timeouts_release_and_wrong_peers(fake):
     src, dst, rx, hub = fake
     rx.timeout_s = 0.05
     rx.expect("orphan", "prefill-0", [0])
-    with pytest.raises(TransferError):
+    with pytest.raises(TransferTimeout):
         rx.wait("orphan", 5)
     assert rx.poll("orphan") == KVPoll.FAILED
     rx.release("orphan")
     with pytest.raises(KeyError):
         rx.poll("orphan")
     tx = FakeKVSender(src, "prefill-0", hub=hub)
-    with pytest.raises(TransferError):
+    with pytest.raises(PeerUnreachable):
         tx.begin("x", "fake:999", "decode-0", [0])
-    with pytest.raises(TransferError):
+    with pytest.raises(PeerUnreachable):
         tx.begin("x", rx.endpoint, "decode-9", [0])
     rx.timeout_s = 5
     rx.expect("mixup", "prefill-1", [0])
@@ -83,5 +85,5 @@ def test_fake_timeouts_release_and_wrong_peers(fake):
     with pytest.raises(TransferError, match="unexpected data"):
         rx.wait("mixup", 1)
     rx.close()
-    with pytest.raises(TransferError):
+    with pytest.raises(PeerUnreachable):
         tx.begin("y", rx.endpoint, "decode-0", [0])

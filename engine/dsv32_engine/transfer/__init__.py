@@ -14,9 +14,16 @@ prefill worker             ``KVSender(cache, worker_id)``
                            ``.send_layer(handle, layer)`` — right after the forward wrote the layer
                            ``.finish(handle, timeout_s)`` → ``TransferResult``
                            ``.poll(handle)`` → ``KVPoll``, ``.close()``
+                           ``.arm_fault(kind, count=1)``, ``.disarm_fault()`` — tests
 =========================  ====================================================
 
-``transfer_fake`` has the same two roles in one process, for unit tests and warm-up.
+``base`` writes these down as ``KVReceiverProtocol`` and ``KVSenderProtocol``;
+``fake`` (:mod:`.fake`) has the same two roles in one process, for unit tests
+and warm-up. Every failure is a ``TransferError`` subclass with a stable
+``reason`` (``errors``: ``ChecksumMismatch``, ``GeometryMismatch``,
+``TransferTimeout``, ``PeerUnreachable``, ``PeerFailed``, ``TransferClosed``;
+a ``wait`` or ``finish`` that runs out before the transfer ends raises
+``StillInFlight``). Fault names for ``arm_fault`` are in ``faults.FAULTS``.
 
 A transfer's life (``KVPoll``): BOOTSTRAPPING → WAITING → TRANSFERRING → SUCCESS, or FAILED at any point.
 
@@ -41,8 +48,9 @@ A transfer's life (``KVPoll``): BOOTSTRAPPING → WAITING → TRANSFERRING → S
 4. After its last send the sender publishes its checksum
    (``xfer/{transfer_id}/sum``); the receiver compares it with its own, so a
    corrupted or missing latent or indexer page fails the transfer instead of
-   silently producing garbage. Both results also carry the checksum, which
-   ``cache_checksum`` recomputes from a cache (``transfer_pages.Checksum``).
+   silently producing garbage (``ChecksumMismatch``). Both results also carry
+   the checksum, which ``cache_checksum`` recomputes from a cache
+   (``pages.Checksum``).
 
 Concurrency: any number of transfers may be in flight on a pair and across
 pairs. The sequence number, assigned by the sender under the pair's lock and
@@ -58,16 +66,22 @@ marks that generation broken on the side that saw it; the sender takes a new
 generation at its next ``begin`` (a restarted sender always does), the receiver
 builds the newer group when it reads that announcement and never rebuilds a
 generation it has already built. A sender that dies mid-transfer is seen by the
-receiver as a closed connection, well within the timeout. Checksum or geometry
+receiver as a closed connection, well within the timeout (``PeerFailed``; a
+wait that runs into its deadline is a ``TransferTimeout``). Checksum or geometry
 mismatches drain the data and fail the transfer but keep the group.
 """
 
 from __future__ import annotations
 
+from .base import KVReceiverProtocol, KVSenderProtocol, SendHandleProtocol
+from .errors import (ChecksumMismatch, GeometryMismatch, PeerFailed, PeerUnreachable, StillInFlight, TransferClosed,
+                     TransferError, TransferTimeout)
+from .faults import FAULT_ENV, FAULTS
 from .pages import cache_checksum
 from .receiver import KVReceiver
-from .sender import FAULT_ENV, KVSender, SendHandle
-from .state import KVPoll, TransferError, TransferResult
+from .sender import KVSender, SendHandle
+from .state import KVPoll, TransferResult
 
-__all__ = ["FAULT_ENV", "KVPoll", "KVReceiver", "KVSender", "SendHandle", "TransferError", "TransferResult",
-           "cache_checksum"]
+__all__ = ["FAULTS", "FAULT_ENV", "ChecksumMismatch", "GeometryMismatch", "KVPoll", "KVReceiver", "KVReceiverProtocol",
+           "KVSender", "KVSenderProtocol", "PeerFailed", "PeerUnreachable", "SendHandle", "SendHandleProtocol",
+           "StillInFlight", "TransferClosed", "TransferError", "TransferResult", "TransferTimeout", "cache_checksum"]

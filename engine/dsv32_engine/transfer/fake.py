@@ -1,11 +1,12 @@
-"""In-process fake KV transfer: the two roles of ``transfer.py``, copying pages between caches in one process.
+"""In-process fake KV transfer: the two roles of the package, copying pages between caches in one process.
 
 For unit tests of the workers and for warm-up. No threads, no sockets: each
 ``send_layer`` copies the layer's pages straight into the receiver's pages (or
 parks them until ``expect`` is called), with the same page-byte handling,
-checksum and states as the real backend. Receivers are found by endpoint in a
-``FakeTransferHub`` (one default hub per process). ``fault`` takes the same
-values as the real sender's (``corrupt-index[:N]``, ``corrupt-latent[:N]``).
+checksum, states and errors as the real backend (``base`` has the protocols
+both satisfy; ``tests/test_transfer_conformance.py`` holds them to it).
+Receivers are found by endpoint in a ``FakeTransferHub`` (one default hub per
+process). Faults: ``arm_fault`` or the ``fault`` spec, as on the real sender.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import threading
 import time
 
+from .errors import ChecksumMismatch, GeometryMismatch, PeerUnreachable, StillInFlight, TransferError, TransferTimeout
+from .faults import FaultPlan, corrupt_part
 from .pages import CachePages, Checksum
-from .state import KVPoll, TransferError, TransferResult, TransferState
+from .state import KVPoll, TransferResult, TransferState
 
 
 class FakeTransferHub:
@@ -42,7 +45,7 @@ class FakeTransferHub:
     def lookup(self, endpoint: str) -> FakeKVReceiver:
         with self.lock:
             if endpoint not in self._receivers:
-                raise TransferError(f"no fake receiver at {endpoint}")
+                raise PeerUnreachable(f"no fake receiver at {endpoint}")
             return self._receivers[endpoint]
 
 
@@ -56,7 +59,7 @@ class _Incoming:
         self.pages = None
         self.num_layers = 0
         self.deadline = 0.0
-        self.parked: list[tuple[str, int, list]] = []  # (sender id, layer, [bytes per pool]) before expect
+        self.parked: list[tuple[str, tuple, int, list]] = []  # (sender, geometry, layer, [bytes a pool]) before expect
         self.checksum, self.next_layer, self.sender_sum = Checksum(), 0, None
 
 
@@ -78,22 +81,23 @@ class FakeKVReceiver:
             t.num_layers = num_layers or self._pages.num_layers
             t.deadline = time.monotonic() + self.timeout_s
             parked, t.parked = t.parked, []
-            for sender_id, layer, blobs in parked:
-                self._land(t, sender_id, layer, blobs)
+            for sender_id, geometry, layer, blobs in parked:
+                self._land(t, sender_id, geometry, layer, blobs)
 
     def poll(self, transfer_id: str) -> KVPoll:
         t = self._get(transfer_id)
         if t.status.state not in (KVPoll.SUCCESS, KVPoll.FAILED) and time.monotonic() > t.deadline:
-            t.status.fail(f"timed out after {self.timeout_s}s")
+            t.status.fail(TransferTimeout(f"timed out after {self.timeout_s}s"))
         return t.status.state
 
     def wait(self, transfer_id: str, timeout_s: float) -> TransferResult:
         t = self._get(transfer_id)
         try:
             return t.status.wait(min(timeout_s, max(0.0, t.deadline - time.monotonic())))
-        except TransferError:
-            self.poll(transfer_id)  # past the transfer's own deadline: FAILED from now on
-            raise
+        except StillInFlight:
+            if self.poll(transfer_id) != KVPoll.FAILED:  # past the transfer's own deadline: FAILED from now on
+                raise
+        return t.status.wait(0)  # raises the TransferTimeout
 
     def release(self, transfer_id: str) -> None:
         with self._hub.lock:
@@ -110,21 +114,29 @@ class FakeKVReceiver:
             raise KeyError(f"transfer {transfer_id} is not expected (or was released)")
         return t
 
-    def deliver(self, transfer_id: str, sender_id: str, layer: int, blobs: list, sender_sum: str | None) -> None:
-        """Called by ``FakeKVSender`` (under the hub lock) for each layer; the last one carries the checksum."""
+    def deliver(self, transfer_id: str, sender_id: str, geometry: tuple, layer: int, blobs: list,
+                sender_sum: str | None) -> None:
+        """Called by ``FakeKVSender`` (under the hub lock) for each layer; the last one carries the checksum.
+        ``geometry``: the sender's (layers, pages, latent page bytes, index page bytes), as announced."""
         t = self._incoming.setdefault(transfer_id, _Incoming(transfer_id))
         if sender_sum is not None:
             t.sender_sum = sender_sum
         if t.pages is None:
-            t.parked.append((sender_id, layer, blobs))
+            t.parked.append((sender_id, geometry, layer, blobs))
         else:
-            self._land(t, sender_id, layer, blobs)
+            self._land(t, sender_id, geometry, layer, blobs)
 
-    def _land(self, t: _Incoming, sender_id: str, layer: int, blobs: list) -> None:
+    def _land(self, t: _Incoming, sender_id: str, geometry: tuple, layer: int, blobs: list) -> None:
         if t.status.state == KVPoll.FAILED:
             return
-        if sender_id != t.peer_id or layer != t.next_layer or blobs[0].shape[0] != len(t.pages):
-            t.status.fail(f"unexpected data: layer {layer} of {blobs[0].shape[0]} pages from {sender_id}")
+        if sender_id != t.peer_id or layer != t.next_layer:
+            t.status.fail(TransferError(f"unexpected data: layer {layer} of {blobs[0].shape[0]} pages "
+                                        f"from {sender_id}"))
+            return
+        mine = (t.num_layers, len(t.pages), self._pages.latent_page_bytes, self._pages.index_page_bytes)
+        if geometry != mine:  # the rest is dropped, as the real receiver drains it
+            t.status.fail(GeometryMismatch(f"geometry mismatch (layers, pages, latent page bytes, index page bytes): "
+                                           f"sender {geometry}, receiver {mine}"))
             return
         t.status.advance(KVPoll.TRANSFERRING)
         for pool, blob in zip(self._pages.parts(layer), blobs):
@@ -134,7 +146,7 @@ class FakeKVReceiver:
         if t.next_layer == t.num_layers:
             mine = t.checksum.hexdigest()
             if t.sender_sum != mine:
-                t.status.fail(f"checksum mismatch: sender {t.sender_sum}, receiver {mine}")
+                t.status.fail(ChecksumMismatch(f"checksum mismatch: sender {t.sender_sum}, receiver {mine}"))
             else:
                 nbytes = len(t.pages) * self._pages.page_bytes * t.num_layers
                 t.status.succeed(TransferResult(t.status.transfer_id, nbytes, mine,
@@ -155,16 +167,13 @@ class FakeKVSender:
         self.worker_id, self.timeout_s = worker_id, timeout_s
         self._pages = CachePages(cache)
         self._hub = hub or DEFAULT_HUB
-        kind, _, count = (fault or "").partition(":")
-        if kind not in ("", "corrupt-index", "corrupt-latent"):
-            raise ValueError(f"unknown transfer fault {kind!r}")
-        self._fault, self._faults_left = kind, (int(count or 1) if kind else 0)
+        self._faults = FaultPlan(fault or "")
 
     def begin(self, transfer_id: str, endpoint: str, decode_id: str, src_pages: list[int],
               num_layers: int | None = None) -> FakeSendHandle:
         receiver = self._hub.lookup(endpoint)
         if receiver.worker_id != decode_id:
-            raise TransferError(f"{endpoint} is {receiver.worker_id}, not {decode_id}")
+            raise PeerUnreachable(f"{endpoint} is {receiver.worker_id}, not {decode_id}")
         return FakeSendHandle(transfer_id, receiver, self._pages.page_set(src_pages),
                               num_layers or self._pages.num_layers)
 
@@ -176,12 +185,13 @@ class FakeKVSender:
         for blob in blobs:
             handle.checksum.update(blob)
         last = layer == handle.num_layers - 1
-        if last and self._faults_left:
-            self._faults_left -= 1
-            blobs[-1 if self._fault == "corrupt-index" else 0].view(-1)[0] ^= 0xFF
+        fault = self._faults.take() if last else None
+        if fault:
+            blobs[corrupt_part(fault, len(blobs))].view(-1)[0] ^= 0xFF
         handle.next_layer += 1
+        geometry = (handle.num_layers, len(handle.pages), self._pages.latent_page_bytes, self._pages.index_page_bytes)
         with self._hub.lock:
-            handle.receiver.deliver(handle.transfer_id, self.worker_id, layer, blobs,
+            handle.receiver.deliver(handle.transfer_id, self.worker_id, geometry, layer, blobs,
                                     handle.checksum.hexdigest() if last else None)
         if last:
             nbytes = len(handle.pages) * self._pages.page_bytes * handle.num_layers
@@ -195,6 +205,13 @@ class FakeKVSender:
 
     def poll(self, handle: FakeSendHandle) -> KVPoll:
         return handle.status.state
+
+    def arm_fault(self, kind: str, count: int = 1) -> None:
+        """Test hook: hit the next ``count`` transfers with fault ``kind`` (``faults.FAULTS``; else ValueError)."""
+        self._faults.arm(kind, count)
+
+    def disarm_fault(self) -> None:
+        self._faults.disarm()
 
     def close(self) -> None:
         pass

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from .pair import seconds_left, wait_work
-from .state import TransferError
+from .errors import TransferError, TransferTimeout, transfer_error
+from .pair import peer_error, seconds_left, wait_work
 
 
 class SendIssuer:
@@ -28,16 +28,16 @@ class SendIssuer:
         self._after_last_issue = after_last_issue
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._slots = threading.Semaphore(2 * self._window)  # queued + in flight: bounds staging memory
-        self._error: str | None = None
+        self._error: TransferError | None = None
         self._thread = threading.Thread(target=self._loop, name="kv-send-issue", daemon=True)
         self._thread.start()
 
     def put(self, buf, tag: int, staging) -> None:
         """Queue one message (``staging``: its buffer to give back once sent, or None). Blocks on a full window."""
         if not self._slots.acquire(timeout=seconds_left(self._deadline)):
-            raise TransferError("sends did not complete in time (send window full)")
+            raise TransferTimeout("sends did not complete in time (send window full)")
         if self._error:
-            raise TransferError(self._error)
+            raise transfer_error(self._error)  # a copy: a raised one would hold its frames (and the group)
         self._queue.put((buf, tag, staging))
 
     def finish(self) -> None:
@@ -45,9 +45,9 @@ class SendIssuer:
         self._queue.put(None)
         self._thread.join(seconds_left(self._deadline) + 1.0)
         if self._thread.is_alive():
-            raise TransferError("sends did not complete in time")
+            raise TransferTimeout("sends did not complete in time")
         if self._error:
-            raise TransferError(self._error)
+            raise transfer_error(self._error)
 
     def abort(self) -> None:
         """The transfer failed while preparing: stop without waiting for the sends (the group is broken)."""
@@ -70,7 +70,8 @@ class SendIssuer:
             while inflight:
                 self._retire(inflight.popleft())
         except Exception as e:  # queue.Empty (the preparing thread vanished) or a failed send
-            self._error = f"{type(e).__name__}: {e}"
+            self._error = (TransferTimeout("no message was handed over before the deadline")
+                           if isinstance(e, queue.Empty) else transfer_error(peer_error(e, self._deadline)))
             for _ in range(2 * self._window + 1):
                 self._slots.release()  # wake a put() waiting for a slot
         finally:

@@ -27,7 +27,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .state import TransferError
+from .errors import PeerFailed, PeerUnreachable, TransferError, TransferTimeout
 
 SENDER_RANK, RECEIVER_RANK = 0, 1
 LAYER_BITS, CHUNK_BITS = 8, 8  # < 256 layers (DeepSeek-V3.2: 61, +1 MTP), < 256 chunks a pool a layer
@@ -118,7 +118,7 @@ def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
         return dist.TCPStore(host, port, None, is_master=False, timeout=timedelta(seconds=max(timeout_s, 0.1)),
                              wait_for_workers=False)
     except Exception as e:  # DistNetworkError and friends
-        raise TransferError(f"cannot reach the transfer store at {host}:{port}: {e}") from e
+        raise PeerUnreachable(f"cannot reach the transfer store at {host}:{port}: {e}") from e
 
 
 def build_group(backend: str, host: str, port: int, prefix: str, rank: int, timeout_s: float, local_host: str):
@@ -146,7 +146,7 @@ def build_group(backend: str, host: str, port: int, prefix: str, rank: int, time
     except TransferError:
         raise
     except Exception as e:
-        raise TransferError(f"pair group {prefix} ({backend}, rank {rank}) not formed: {e}") from e
+        raise PeerUnreachable(f"pair group {prefix} ({backend}, rank {rank}) not formed: {e}") from e
 
 
 def seconds_left(deadline: float) -> float:
@@ -156,7 +156,22 @@ def seconds_left(deadline: float) -> float:
 
 def wait_work(work, deadline: float) -> None:
     """Wait for a send/recv. A gloo wait that times out also closes the pair: the group is dead after it."""
-    work.wait(timedelta(seconds=seconds_left(deadline)))
+    try:
+        done = work.wait(timedelta(seconds=seconds_left(deadline)))
+    except Exception as e:
+        raise peer_error(e, deadline) from e
+    if done is False:
+        raise TransferTimeout("a send or receive did not complete in time")
+
+
+def peer_error(e: Exception, deadline: float) -> TransferError:
+    """What a failed send, receive or wait on the pair group means: at the deadline, a timeout; before it,
+    the peer went away (gloo says which only in its message)."""
+    if isinstance(e, TransferError):
+        return e
+    # The backends round timeouts down to milliseconds: a timed-out wait may end a little before the deadline.
+    late = time.monotonic() >= deadline - 0.05
+    return (TransferTimeout if late else PeerFailed)(f"{type(e).__name__}: {e}")
 
 
 @dataclass(eq=False)
@@ -179,9 +194,9 @@ class PairGroup:
         """Ordered mode: wait until every earlier transfer on the pair has issued all its operations."""
         with self.cv:
             if not self.cv.wait_for(lambda: self.turn == seq or self.broken, seconds_left(deadline)):
-                raise TransferError(f"transfer #{seq} waited too long for its turn on the pair")
+                raise TransferTimeout(f"transfer #{seq} waited too long for its turn on the pair")
             if self.broken:
-                raise TransferError("pair group broke while waiting for a turn")
+                raise PeerFailed("pair group broke while waiting for a turn")
 
     def pass_turn(self, seq: int) -> None:
         with self.cv:

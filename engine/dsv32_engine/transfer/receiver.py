@@ -1,4 +1,4 @@
-"""Decode-worker side of KV transfer: ``KVReceiver`` (see ``transfer.py`` for the protocol)."""
+"""Decode-worker side of KV transfer: ``KVReceiver`` (see the package docstring for the protocol)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from collections import deque
 import torch
 
 from .bootstrap import BootstrapQueue
+from .errors import (ChecksumMismatch, GeometryMismatch, PeerFailed, TransferClosed, TransferError, TransferTimeout,
+                     transfer_error)
 from .pages import CachePages, Checksum, PageSet, StagingPool
 from .pair import (SENDER_RANK, Announcement, PairGroup, backend_for, build_group, checksum_key, chunk_ranges,
-                   group_prefix, host_store, seconds_left, tag, wait_work)
-from .state import KVPoll, TransferError, TransferResult, TransferState, TransferThreads
+                   group_prefix, host_store, peer_error, seconds_left, tag, wait_work)
+from .state import KVPoll, TransferResult, TransferState, TransferThreads
 
 
 class _Expected:
@@ -72,7 +74,7 @@ class KVReceiver:
     def expect(self, transfer_id: str, peer_id: str, dst_pages: list[int], num_layers: int | None = None) -> None:
         """Receive ``transfer_id`` from prefill worker ``peer_id`` into ``dst_pages`` of every layer (background)."""
         if self._closed:
-            raise TransferError("KVReceiver is closed")
+            raise TransferClosed("KVReceiver is closed")
         num_layers = self._pages.num_layers if num_layers is None else num_layers
         if not 0 < num_layers <= self._pages.num_layers:
             raise ValueError(f"num_layers={num_layers} but the cache has {self._pages.num_layers}")
@@ -88,7 +90,8 @@ class KVReceiver:
         return self._get(transfer_id).status.state
 
     def wait(self, transfer_id: str, timeout_s: float) -> TransferResult:
-        """Block until the pages have landed and the checksum matched; raise ``TransferError`` otherwise."""
+        """Block until the pages have landed and the checksum matched; raise ``TransferError`` otherwise
+        (``StillInFlight`` if ``timeout_s`` ran out first)."""
         return self._get(transfer_id).status.wait(timeout_s)
 
     def release(self, transfer_id: str) -> None:
@@ -132,26 +135,26 @@ class KVReceiver:
 
     # -- worker thread ---------------------------------------------------------
     def _run(self, t: _Expected) -> None:
-        group = None
+        group = error = None
         try:
             if self._pages.device.type == "cuda":
                 torch.cuda.set_device(self._pages.device)
             ann = self._await_announcement(t)
             deadline = time.monotonic() + self.timeout_s
-            problem = self._mismatch(t, ann)
+            error = self._mismatch(t, ann)
             group = self._group_for(ann, deadline)
             t.status.advance(KVPoll.WAITING)
-            mine, sender_sum = self._receive(t, ann, group, write=problem is None, deadline=deadline)
-            if not problem and sender_sum != mine:
-                problem = (f"checksum mismatch: sender {sender_sum}, receiver {mine} "
-                           "(latent or indexer pages corrupted or missing)")
+            mine, sender_sum = self._receive(t, ann, group, write=error is None, deadline=deadline)
+            if error is None and sender_sum != mine:
+                error = ChecksumMismatch(f"checksum mismatch: sender {sender_sum}, receiver {mine} "
+                                         "(latent or indexer pages corrupted or missing)")
         except Exception as e:
             if group is not None:  # a failed wait closes the gloo pair: this generation is finished
                 group.mark_broken()
-            problem = f"{type(e).__name__}: {e}"
+            error = transfer_error(e)
         group = None  # before signalling: see TransferThreads
-        if problem or t.released:
-            t.status.fail(problem or "released while in flight")
+        if error is not None or t.released:
+            t.status.fail(error or TransferClosed("released while in flight"))
         else:
             nbytes = len(t.pages) * self._pages.page_bytes * t.num_layers
             t.status.succeed(TransferResult(t.transfer_id, nbytes, mine, time.perf_counter() - t.status.t_start))
@@ -164,8 +167,9 @@ class KVReceiver:
         """
         ann = self._bootstrap.wait(t.transfer_id, t.claim, self.timeout_s)
         if ann is None:
-            raise TransferError("receiver closed" if self._closed else
-                                f"no announcement from {t.peer_id} within {self.timeout_s}s")
+            if self._closed:
+                raise TransferClosed("receiver closed")
+            raise TransferTimeout(f"no announcement from {t.peer_id} within {self.timeout_s}s")
         return ann
 
     def _on_announcement(self, ann: Announcement) -> None:
@@ -180,7 +184,7 @@ class KVReceiver:
         except Exception:
             pass  # the transfers that need this group report the failure
 
-    def _mismatch(self, t: _Expected, ann: Announcement) -> str | None:
+    def _mismatch(self, t: _Expected, ann: Announcement) -> GeometryMismatch | None:
         """Why the announced data cannot go into the expected pages, or None. Raises if it cannot even be drained."""
         if ann.prefill_id != t.peer_id or ann.backend != self._backend or ann.ordered != self._ordered:
             raise TransferError(f"announcement from {ann.prefill_id} ({ann.backend}, ordered={ann.ordered}) does not "
@@ -188,8 +192,8 @@ class KVReceiver:
         mine = (t.num_layers, len(t.pages), self._pages.latent_page_bytes, self._pages.index_page_bytes)
         theirs = (ann.num_layers, ann.num_pages, ann.latent_page_bytes, ann.index_page_bytes)
         if mine != theirs:
-            return (f"geometry mismatch (layers, pages, latent page bytes, index page bytes): "
-                    f"sender {theirs}, receiver {mine}")
+            return GeometryMismatch(f"geometry mismatch (layers, pages, latent page bytes, index page bytes): "
+                                    f"sender {theirs}, receiver {mine}")
         return None
 
     def _group_for(self, ann: Announcement, deadline: float) -> PairGroup:
@@ -200,8 +204,8 @@ class KVReceiver:
             if group is not None and group.gen == ann.gen and not group.broken:
                 return group
             if ann.gen <= peer.max_gen:
-                raise TransferError(f"{ann.prefill_id} announced generation {ann.gen}, but generation {peer.max_gen} "
-                                    "was built already (stale announcement, or a broken group the sender must rebuild)")
+                raise PeerFailed(f"{ann.prefill_id} announced generation {ann.gen}, but generation {peer.max_gen} "
+                                 "was built already (stale announcement, or a broken group the sender must rebuild)")
             if group is not None:
                 group.mark_broken()  # superseded: the sender restarted or saw a failure
             peer.group, peer.max_gen = None, ann.gen
@@ -230,7 +234,11 @@ class KVReceiver:
             n, nbytes = ranges[c][1] - ranges[c][0], page_bytes[part]
             base = self._staging.take(n * nbytes, self._pages.device)
             buf = base[: n * nbytes].view(n, nbytes)
-            posted.append((layer, part, c, group.pg.recv([buf], SENDER_RANK, tag(ann.seq, layer, part, c)), base, buf))
+            try:
+                work = group.pg.recv([buf], SENDER_RANK, tag(ann.seq, layer, part, c))
+            except Exception as e:
+                raise peer_error(e, deadline) from e
+            posted.append((layer, part, c, work, base, buf))
             if i == len(messages) - 1 and group.ordered:
                 group.pass_turn(ann.seq)
 

@@ -1,4 +1,4 @@
-"""Prefill-worker side of KV transfer: ``KVSender`` (see ``transfer.py`` for the protocol)."""
+"""Prefill-worker side of KV transfer: ``KVSender`` (see the package docstring for the protocol)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,14 @@ import time
 
 import torch
 
+from .errors import PeerUnreachable, TransferClosed, TransferError, TransferTimeout, transfer_error
+from .faults import FAULT_ENV, FaultPlan, corrupt_part
 from .issuer import SendIssuer
 from .pages import CachePages, Checksum, PageSet, StagingPool
 from .pair import (ANNOUNCE_QUEUE, RECEIVER_RANK, SENDER_RANK, Announcement, PairGroup, backend_for, build_group,
                    checksum_key, chunk_ranges, connect_store, gen_key, group_prefix, local_address_towards,
                    pages_per_chunk, parse_endpoint, seconds_left, tag)
-from .state import KVPoll, TransferError, TransferResult, TransferState, TransferThreads
-
-FAULT_ENV = "DSV32_TRANSFER_FAULT"
-"""Fault injection for end-to-end tests: ``corrupt-index[:N]`` or ``corrupt-latent[:N]`` flips a byte of the
-last layer's indexer (latent) pages after the checksum, in the next N transfers (default 1)."""
+from .state import KVPoll, TransferResult, TransferState, TransferThreads
 
 
 class _Pair:
@@ -56,8 +54,9 @@ class KVSender:
     ``cache``: anything with ``layout``, ``latent`` and ``index`` (per-layer page pools). ``timeout_s``
     bounds each transfer from ``begin``. ``window_bytes``: messages in flight (and as many queued);
     ``chunk_bytes``: size of one message. ``ordered``: issue a pair's transfers one after another (what
-    NCCL needs; default: on CUDA only; must match the receiver). ``fault``: see ``FAULT_ENV``. The source
-    pages must stay unchanged until ``finish`` returns or ``poll`` says SUCCESS or FAILED.
+    NCCL needs; default: on CUDA only; must match the receiver). ``fault``: a fault spec ``kind[:count]``
+    (``faults.FAULTS``; tests only), by default read from ``FAULT_ENV``. The source pages must stay unchanged
+    until ``finish`` returns or ``poll`` says SUCCESS or FAILED.
     """
 
     def __init__(self, cache, worker_id: str, timeout_s: float = 30, window_bytes: int = 32 << 20,
@@ -74,16 +73,13 @@ class KVSender:
         self._lock = threading.Lock()
         self._closed = False
         self._threads = TransferThreads(self)
-        kind, _, count = (fault if fault is not None else os.environ.get(FAULT_ENV, "")).partition(":")
-        if kind not in ("", "corrupt-index", "corrupt-latent"):
-            raise ValueError(f"unknown transfer fault {kind!r}")
-        self._fault, self._faults_left = kind, (int(count or 1) if kind else 0)
+        self._faults = FaultPlan(fault if fault is not None else os.environ.get(FAULT_ENV, ""))
 
     def begin(self, transfer_id: str, endpoint: str, decode_id: str, src_pages: list[int],
               num_layers: int | None = None) -> SendHandle:
         """Start a transfer of ``src_pages`` (all layers) to the decode worker at ``endpoint``. Non-blocking."""
         if self._closed:
-            raise TransferError("KVSender is closed")
+            raise TransferClosed("KVSender is closed")
         num_layers = self._pages.num_layers if num_layers is None else num_layers
         if not 0 < num_layers <= self._pages.num_layers:
             raise ValueError(f"num_layers={num_layers} but the cache has {self._pages.num_layers}")
@@ -116,6 +112,13 @@ class KVSender:
     def poll(self, handle: SendHandle) -> KVPoll:
         return handle.status.state
 
+    def arm_fault(self, kind: str, count: int = 1) -> None:
+        """Test hook: hit the next ``count`` transfers with fault ``kind`` (``faults.FAULTS``; else ValueError)."""
+        self._faults.arm(kind, count)
+
+    def disarm_fault(self) -> None:
+        self._faults.disarm()
+
     def close(self, join_timeout_s: float = 5.0) -> None:
         """Forget every pair group, after giving transfers in flight ``join_timeout_s`` to end."""
         self._closed = True
@@ -138,7 +141,7 @@ class KVSender:
             h.status.advance(KVPoll.WAITING)
             result = self._stream(h, group, seq)
         except Exception as e:  # every failure after the announcement leaves the group in an unknown state
-            error = f"{type(e).__name__}: {e}"
+            error = transfer_error(e)
             if group is not None:
                 group.mark_broken()
                 if h._pair.group is group:
@@ -154,10 +157,10 @@ class KVSender:
         pair = h._pair
         # Another transfer may be building the group; that build is bounded by its own deadline, ours by ours.
         if not pair.lock.acquire(timeout=seconds_left(h.deadline)):
-            raise TransferError(f"the pair group to {pair.decode_id} was not ready within {self.timeout_s}s")
+            raise TransferTimeout(f"the pair group to {pair.decode_id} was not ready within {self.timeout_s}s")
         try:
             if self._closed:
-                raise TransferError("KVSender is closed")
+                raise TransferClosed("KVSender is closed")
             try:
                 if pair.store is None:
                     pair.store = connect_store(pair.host, pair.port, seconds_left(h.deadline))
@@ -174,9 +177,11 @@ class KVSender:
                                             group_prefix(self.worker_id, pair.decode_id, gen), SENDER_RANK,
                                             seconds_left(h.deadline), local_address_towards(pair.host, pair.port))
                     pair.group = PairGroup(pg, store, gen, self._ordered)
-            except Exception:
+            except Exception as e:
                 pair.store = pair.group = None
-                raise
+                if isinstance(e, TransferError):
+                    raise
+                raise PeerUnreachable(f"transfer store of {pair.decode_id}: {type(e).__name__}: {e}") from e
             pair.group.next_seq = seq + 1
             return pair.group, seq
         finally:
@@ -199,20 +204,23 @@ class KVSender:
                 try:
                     layer, event = h._layers.get(timeout=seconds_left(h.deadline))
                 except queue.Empty:
-                    raise TransferError(f"layer {h._next_layer} was not handed over within {self.timeout_s}s") from None
+                    raise TransferTimeout(
+                        f"layer {h._next_layer} was not handed over within {self.timeout_s}s") from None
                 if layer == 0 and group.ordered:
                     group.take_turn(seq, h.deadline)
                 h.status.advance(KVPoll.TRANSFERRING)
                 if event is not None:
                     torch.cuda.current_stream().wait_event(event)
-                for part, pool in enumerate(self._pages.parts(layer)):
+                pools = self._pages.parts(layer)
+                fault = self._faults.take() if layer == last else None
+                for part, pool in enumerate(pools):
                     for c, sub in enumerate(chunks):
                         staging = None if sub.run_start is not None else self._staging.take(
                             len(sub) * pool.shape[1], pool.device)
                         buf = sub.gather(pool, staging)
                         checksum.update(buf)
-                        if layer == last and c == 0:
-                            buf = self._maybe_corrupt(part, buf)
+                        if fault and c == 0 and part == corrupt_part(fault, len(pools)):
+                            buf = _flip_first_byte(buf)
                         issuer.put(buf, tag(seq, layer, part, c), staging)
             with group.store_lock:  # before the sends complete is fine: the receiver's get waits for the key
                 group.store.set(checksum_key(h.transfer_id), checksum.hexdigest())
@@ -224,12 +232,9 @@ class KVSender:
         return TransferResult(h.transfer_id, len(h.pages) * self._pages.page_bytes * h.num_layers,
                               checksum.hexdigest(), t_done - h.status.t_start, t_done - h.t_last_layer)
 
-    def _maybe_corrupt(self, part: int, buf: torch.Tensor) -> torch.Tensor:
-        """Fault injection: flip a byte after the checksum, in a copy (never in the cache)."""
-        want = 1 if self._fault == "corrupt-index" and self._pages.index_page_bytes else 0
-        if not self._faults_left or part != want:
-            return buf
-        self._faults_left -= 1
-        buf = buf.clone()
-        buf.view(-1)[0] ^= 0xFF
-        return buf
+
+def _flip_first_byte(buf: torch.Tensor) -> torch.Tensor:
+    """Fault injection, after the checksum: in a copy, never in the cache."""
+    buf = buf.clone()
+    buf.view(-1)[0] ^= 0xFF
+    return buf

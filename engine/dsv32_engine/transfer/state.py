@@ -9,6 +9,8 @@ import time
 import weakref
 from dataclasses import dataclass
 
+from .errors import StillInFlight, TransferError, transfer_error
+
 
 class KVPoll(enum.IntEnum):
     """Where a transfer stands (SGLang's ``KVPoll``): it only ever moves to the right, or to FAILED."""
@@ -22,10 +24,6 @@ class KVPoll(enum.IntEnum):
     SUCCESS = 4
 
 
-class TransferError(RuntimeError):
-    """A transfer failed or a wait on it ran out of time."""
-
-
 @dataclass(frozen=True)
 class TransferResult:
     transfer_id: str
@@ -33,7 +31,7 @@ class TransferResult:
     """Latent + indexer bytes of every transferred page, all layers."""
     checksum: str
     """``kv1:<16 hex>`` over those bytes in layer order (layer 0 latent, layer 0 index, layer 1 latent...);
-    see ``transfer_pages.Checksum``. Equal on both sides, and equal to ``cache_checksum`` of the pages."""
+    see ``pages.Checksum``. Equal on both sides, and equal to ``cache_checksum`` of the pages."""
     elapsed_s: float
     """Sender: ``begin`` to the last send completing. Receiver: ``expect`` to the last page landing."""
     wait_after_last_layer_s: float = 0.0
@@ -47,7 +45,7 @@ class TransferState:
         self.transfer_id = transfer_id
         self.t_start = time.perf_counter()
         self._state = KVPoll.BOOTSTRAPPING
-        self._error: str | None = None
+        self._error: TransferError | None = None
         self._result: TransferResult | None = None
         self._done = threading.Event()
 
@@ -56,7 +54,7 @@ class TransferState:
         return self._state
 
     @property
-    def error(self) -> str | None:
+    def error(self) -> TransferError | None:
         return self._error
 
     def advance(self, state: KVPoll) -> None:
@@ -68,16 +66,19 @@ class TransferState:
             self._result, self._state = result, KVPoll.SUCCESS
             self._done.set()
 
-    def fail(self, error: str) -> None:
+    def fail(self, error: BaseException) -> None:
+        """Record why the transfer failed (kept as ``transfer_error(error)``: no traceback)."""
         if not self._done.is_set():
-            self._error, self._state = error, KVPoll.FAILED
+            self._error, self._state = transfer_error(error), KVPoll.FAILED
             self._done.set()
 
     def wait(self, timeout_s: float) -> TransferResult:
+        """The result; raises the recorded error's class if the transfer failed, ``StillInFlight`` if it
+        has not ended within ``timeout_s``."""
         if not self._done.wait(max(0.0, timeout_s)):
-            raise TransferError(f"transfer {self.transfer_id}: still {self._state.name} after {timeout_s:.3g}s")
+            raise StillInFlight(f"transfer {self.transfer_id}: still {self._state.name} after {timeout_s:.3g}s")
         if self._result is None:
-            raise TransferError(f"transfer {self.transfer_id} failed: {self._error}")
+            raise type(self._error)(f"transfer {self.transfer_id} failed: {self._error}")
         return self._result
 
 
