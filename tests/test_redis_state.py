@@ -168,3 +168,39 @@ def test_colocated_requests_skip_transferring(state):
     state.create_request("co2")
     with pytest.raises(InvalidTransition):
         state.transition("co2", "decoding")  # never straight from queued
+
+
+def test_workers_register_their_page_size(state):
+    from dsv32_kernels.layout import PAGE_SIZE
+
+    from dsv32_cluster.state import DEFAULT_PAGE_SIZE
+
+    assert DEFAULT_PAGE_SIZE == PAGE_SIZE, "a registration built by hand counts pages as the engine does"
+    state.register(WorkerInfo("d16", "decode", "h:1", page_size=16, total_pages=4))
+    state.register(WorkerInfo("d-old", "decode", "h:2"))
+    state.client.hdel(state.keys.worker("d-old"), "page_size")  # a worker from before the field
+    got = {w.worker_id: w for w in state.workers()}
+    assert (got["d16"].page_size, got["d16"].pages_for(17), got["d-old"].page_size) == (16, 2, DEFAULT_PAGE_SIZE)
+    with pytest.raises(ValueError, match="page_size"):
+        WorkerInfo("x", "decode", "h:1", page_size=0)
+
+
+def test_directory_refresh_wakes_waiters(redis_url, state):
+    from dsv32_cluster.directory import WorkerDirectory
+
+    async def go():
+        ast = AsyncClusterState.from_url(redis_url, prefix="t:")
+        directory = WorkerDirectory(ast)
+        try:
+            assert not await directory.wait_changed(0.05), "nothing changed: the wait times out"
+            waiters = [asyncio.ensure_future(directory.wait_changed(5)) for _ in range(3)]
+            await asyncio.sleep(0.01)
+            state.register(WorkerInfo("d0", "decode", "h:1"))
+            await directory.refresh()
+            assert await asyncio.gather(*waiters) == [True] * 3, "one refresh wakes every waiter"
+            assert [w.worker_id for w in directory.snapshot] == ["d0"]
+        finally:
+            await directory.close()
+            await ast.aclose()
+
+    asyncio.run(go())

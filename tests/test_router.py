@@ -1,164 +1,30 @@
 """The router process against in-process fake workers and a real redis-server.
 
-The fakes speak the internal worker protocol with a deterministic "model":
-the token at absolute position ``pos`` is ``fake_token(seed, pos)``, so a
-retry that continues from prompt + generated tokens must reproduce the same
-stream, and duplicated or lost tokens show. Faults are scripted per test.
+The fakes (``test_router_fakes.py``, which also holds them to the proto) speak
+the internal worker protocol with a deterministic "model": the token at
+absolute position ``pos`` is ``fake_token(seed, pos)``, so a retry that
+continues from prompt + generated tokens must reproduce the same stream, and
+duplicated or lost tokens show. Faults are scripted per test.
 End-to-end tests with the real engine are in ``test_e2e*.py``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import threading
 import time
-from collections import deque
-from concurrent import futures
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dsv32_proto import serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
 from dsv32_router.client import GenerateError, generate, list_models, stream_responses
 from dsv32_cluster.procs import free_port
-from dsv32_cluster.state import ClusterState, WorkerInfo
+from dsv32_cluster.state import ClusterState
+from test_router_fakes import FakeCluster, fake_token
 
 MAX_MODEL_LEN = 512
-PAGE = 64
-
-
-def fake_token(seed: int, pos: int) -> int:
-    return 1000 + (seed * 31 + pos * 17) % 5000
-
-
-class FakeDecode(worker_pb2_grpc.DecodeWorkerServicer):
-    def __init__(self, worker_id: str, total_pages: int = 64):
-        self.worker_id, self.total_pages = worker_id, total_pages
-        self.committed: dict[str, int] = {}
-        self.faults: deque = deque()  # "data_loss" | ("die_after", n) | ("slow", seconds per token)
-        self.log: list[tuple[str, str]] = []  # (event, request id)
-        self.lock = threading.Lock()
-
-    def free(self) -> int:
-        return self.total_pages - sum(self.committed.values())
-
-    def Reserve(self, req, ctx):
-        need = -(-(req.num_prompt_tokens + req.max_tokens) // PAGE)
-        with self.lock:
-            if need > self.free():
-                ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "full")
-            self.committed[req.request_id] = need
-        self.log.append(("reserve", req.request_id))
-        return worker_pb2.ReserveResponse(decode_worker_id=self.worker_id, transfer_endpoint="127.0.0.1:1",
-                                          transfer_id=f"t-{req.request_id}", page_ids=list(range(need)), page_size=PAGE)
-
-    def Decode(self, req, ctx):
-        rid = req.request_id
-        fault = self.faults.popleft() if self.faults else None
-        self.log.append(("decode", rid))
-        ctx.add_callback(lambda: self._release(rid, "stream-ended"))
-        if fault == "data_loss":
-            self._release(rid, "checksum-failed")
-            ctx.abort(grpc.StatusCode.DATA_LOSS, "KV checksum mismatch (fake)")
-        yield worker_pb2.DecodeResponse(tokens=[req.first], received_bytes=req.sent_bytes, checksum=req.checksum)
-        if req.first.finished:
-            return
-        delay = fault[1] if isinstance(fault, tuple) and fault[0] == "slow" else 0.0
-        n_prompt, s = len(req.prompt_ids), req.sampling
-        for i in range(1, s.max_tokens):
-            if isinstance(fault, tuple) and fault[0] == "die_after" and i >= fault[1]:
-                ctx.abort(grpc.StatusCode.UNAVAILABLE, "decode worker died (fake)")
-            if delay:
-                time.sleep(delay)
-            if not ctx.is_active():
-                return
-            tok = fake_token(s.seed, n_prompt + i)
-            last = i == s.max_tokens - 1 or tok in s.stop_token_ids
-            yield worker_pb2.DecodeResponse(tokens=[worker_pb2.Token(
-                token_id=tok, finished=last, finish_reason=("stop" if tok in s.stop_token_ids else "length") if last else "")])
-            if last:
-                return
-
-    def _release(self, rid: str, why: str) -> None:
-        with self.lock:
-            if self.committed.pop(rid, None) is not None:
-                self.log.append((why, rid))
-
-    def Cancel(self, req, ctx):
-        with self.lock:
-            found = self.committed.pop(req.request_id, None) is not None
-        self.log.append(("cancel", req.request_id))
-        return worker_pb2.CancelResponse(found=found)
-
-
-class FakePrefill(worker_pb2_grpc.PrefillWorkerServicer):
-    def __init__(self, worker_id: str):
-        self.worker_id = worker_id
-        self.prompts: list[list[int]] = []
-        self.faults: deque = deque()  # "unavailable"
-
-    def Prefill(self, req, ctx):
-        self.prompts.append(list(req.prompt_ids))
-        if self.faults and self.faults.popleft() == "unavailable":
-            ctx.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker died (fake)")
-        s = req.sampling
-        tok = fake_token(s.seed, len(req.prompt_ids))
-        last = s.max_tokens == 1 or tok in s.stop_token_ids
-        first = worker_pb2.Token(token_id=tok, finished=last, finish_reason=("length" if last else ""))
-        return worker_pb2.PrefillResponse(first=first, checksum="crc32:0", sent_bytes=123,
-                                          prompt_tokens=len(req.prompt_ids))
-
-
-class FakeCluster:
-    """Fake workers in this process, heartbeating into Redis; the router is a real subprocess."""
-
-    def __init__(self, redis_url: str, prefix: str, n_prefill=1, n_decode=1, decode_pages=64):
-        self.state = ClusterState.from_url(redis_url, prefix)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
-        self.decode = {f"fd{i}": FakeDecode(f"fd{i}", decode_pages) for i in range(n_decode)}
-        self.decode_faults = deque()  # consumed by whichever decode worker serves next
-        for d in self.decode.values():
-            d.faults = self.decode_faults
-        self.prefill = {f"fp{i}": FakePrefill(f"fp{i}") for i in range(n_prefill)}
-        self.servers, self.infos = [], []
-        for wid, svc in [*self.decode.items(), *self.prefill.items()]:
-            srv = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-            if isinstance(svc, FakeDecode):
-                worker_pb2_grpc.add_DecodeWorkerServicer_to_server(svc, srv)
-            else:
-                worker_pb2_grpc.add_PrefillWorkerServicer_to_server(svc, srv)
-            port = srv.add_insecure_port("127.0.0.1:0")
-            srv.start()
-            self.servers.append(srv)
-            role = "decode" if isinstance(svc, FakeDecode) else "prefill"
-            self.infos.append((WorkerInfo(wid, role, f"127.0.0.1:{port}", total_pages=decode_pages), svc))
-        self._stop = threading.Event()
-        self.beat()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def beat(self) -> None:
-        for info, svc in self.infos:
-            if isinstance(svc, FakeDecode):
-                info.free_pages = svc.free()
-                info.running = len(svc.committed)
-            self.state.heartbeat(info)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.1):
-            self.beat()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        for info, _ in self.infos:
-            self.state.deregister(info.worker_id)
-        for srv in self.servers:
-            srv.stop(None)
 
 
 def write_model_dir(path) -> str:
@@ -481,21 +347,14 @@ def test_no_workers_is_unavailable(router_env, tmp_path):
 
 
 def test_router_never_imports_torch():
-    code = ("import sys; import dsv32_router.server, dsv32_router.orchestrator, dsv32_router.client, "
-            "dsv32_serve.up, dsv32_cluster.runtime, dsv32_text.tokenizer, dsv32_text.detokenizer, "
-            "dsv32_text.encoding; from dsv32_engine import cli; cli.build_parser(['router']); "
+    code = ("import sys; import dsv32_router.server, dsv32_router.orchestrator, dsv32_router.request_run, "
+            "dsv32_router.client, dsv32_serve.up, dsv32_cluster.runtime, dsv32_text.tokenizer, dsv32_text.detokenizer, "
+            "dsv32_text.encoding, dsv32_text.generation_config; from dsv32_serve import cli; "
+            "cli.build_parser(['router']); "
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
             "assert not bad, bad; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
-
-
-def test_sync_servicer_protocol_has_every_rpc():
-    # The fakes must not drift from the proto: every RPC the router calls exists on the real services.
-    names = {m.name for m in worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].methods}
-    assert {"Reserve", "Decode", "Cancel"} <= names
-    assert "Prefill" in {m.name for m in worker_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].methods}
-    assert serving_pb2_grpc.GenerationStub and os.path.exists(serving_pb2.__file__)
 
 
 def test_tracing_and_metrics_when_enabled(router_env):

@@ -7,13 +7,16 @@ import pytest
 from dsv32_router.policy import NeverFits, NoCapacity, NoWorkers, PairPolicy
 from dsv32_cluster.state import WorkerInfo
 
-
-def D(wid, free=100, total=100, running=0):
-    return WorkerInfo(wid, "decode", f"{wid}:1", free_pages=free, total_pages=total, running=running)
+PAGE = 64  # tokens per page, as the workers below register it
 
 
-def P(wid, queued=0, total=100):
-    return WorkerInfo(wid, "prefill", f"{wid}:1", queued_tokens=queued, total_pages=total)
+def D(wid, free=100, total=100, running=0, page_size=PAGE):
+    return WorkerInfo(wid, "decode", f"{wid}:1", free_pages=free, total_pages=total, running=running,
+                      page_size=page_size)
+
+
+def P(wid, queued=0, total=100, page_size=PAGE):
+    return WorkerInfo(wid, "prefill", f"{wid}:1", queued_tokens=queued, total_pages=total, page_size=page_size)
 
 
 def test_no_workers_of_a_role():
@@ -25,7 +28,7 @@ def test_no_workers_of_a_role():
 
 
 def test_decode_needs_room_for_prompt_plus_max_tokens():
-    pol = PairPolicy(page_size=64)
+    pol = PairPolicy()
     assert pol.choose_decode([D("a", free=1), D("b", free=2)], 65).worker_id == "b"
     with pytest.raises(NoCapacity) as e:
         pol.choose_decode([D("a", free=1), D("b", free=1)], 65)
@@ -74,7 +77,7 @@ def test_failed_workers_are_avoided_but_still_used_as_a_last_resort():
 
 
 def test_prefill_fewest_queued_tokens_and_pool_size():
-    pol = PairPolicy(page_size=64)
+    pol = PairPolicy()
     assert pol.choose_prefill([P("p", queued=500), P("q", queued=100)], 10).worker_id == "q"
     assert pol.choose_prefill([P("p", total=1), P("q", queued=999, total=10)], 200).worker_id == "q"
     with pytest.raises(NeverFits):
@@ -82,8 +85,8 @@ def test_prefill_fewest_queued_tokens_and_pool_size():
 
 
 def test_colocated_workers_are_chosen_by_the_decode_rules_and_never_mixed_with_pairs():
-    pol = PairPolicy(page_size=64)
-    C = [WorkerInfo(w, "colocated", f"{w}:1", free_pages=f, total_pages=100, running=r)
+    pol = PairPolicy()
+    C = [WorkerInfo(w, "colocated", f"{w}:1", free_pages=f, total_pages=100, running=r, page_size=PAGE)
          for w, f, r in (("c0", 100, 2), ("c1", 100, 0), ("c2", 1, 0))]
     assert pol.choose_decode(C + [D("d")], 65, role="colocated").worker_id == "c1"
     assert pol.choose_decode(C + [D("d")], 65).worker_id == "d", "a colocated worker is no decode worker"
@@ -91,3 +94,15 @@ def test_colocated_workers_are_chosen_by_the_decode_rules_and_never_mixed_with_p
         pol.choose_decode([D("d"), P("p")], 10, role="colocated")
     with pytest.raises(NeverFits, match="largest colocated pool"):
         pol.choose_decode(C, 64 * 101, role="colocated")
+
+
+def test_pages_are_counted_in_each_workers_registered_page_size():
+    pol = PairPolicy()
+    # 100 tokens: 2 pages of 64 tokens, 7 of 16
+    assert pol.choose_decode([D("a", free=2, page_size=16), D("b", free=2)], 100).worker_id == "b"
+    assert pol.choose_decode([D("a", free=7, page_size=16), D("b", free=1)], 100).worker_id == "a"
+    with pytest.raises(NeverFits, match="needs 7 cache pages"):
+        pol.choose_decode([D("a", free=6, total=6, page_size=16)], 100)
+    assert pol.choose_prefill([P("p", total=6, page_size=16), P("q", queued=999, total=2)], 100).worker_id == "q"
+    with pytest.raises(NeverFits, match="needs 7 or 13 cache pages"):
+        pol.choose_prefill([P("p", total=6, page_size=16), P("q", total=12, page_size=8)], 100)

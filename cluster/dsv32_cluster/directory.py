@@ -1,5 +1,10 @@
 """The router's view of the workers: a registry snapshot refreshed from Redis,
-plus one gRPC channel per worker endpoint."""
+plus one gRPC channel per worker endpoint.
+
+Requests waiting for capacity wait on :attr:`WorkerDirectory.changed`, an
+``asyncio.Condition`` notified after every refresh and by whoever learns that
+capacity was given back (the router, when a request leaves a worker).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import grpc
 
 from dsv32_proto import worker_pb2_grpc
 from .state import ROLES, AsyncClusterState, WorkerInfo
+from .workers import complete_groups
 
 log = logging.getLogger(__name__)
 CHANNEL_IDLE_CLOSE_S = 30.0
@@ -29,7 +35,7 @@ class WorkerDirectory:
         self._last_seen: dict[str, float] = {}
         self._interceptors = interceptors
         self._task: asyncio.Task | None = None
-        self.changed = asyncio.Event()
+        self.changed = asyncio.Condition()
 
     async def start(self) -> None:
         await self.refresh()
@@ -44,7 +50,8 @@ class WorkerDirectory:
                 log.warning("worker registry refresh failed: %s", e)
 
     async def refresh(self) -> list[WorkerInfo]:
-        self.snapshot = await self.state.workers()
+        # an EP group with a rank gone is broken as a whole (its collectives fail): skip all of it
+        self.snapshot = complete_groups(await self.state.workers())
         now = time.monotonic()
         for w in self.snapshot:
             self._last_seen[w.endpoint] = now
@@ -53,9 +60,22 @@ class WorkerDirectory:
         for endpoint in [e for e in self._channels if now - self._last_seen.get(e, 0) > CHANNEL_IDLE_CLOSE_S]:
             self._last_seen.pop(endpoint, None)
             await self._channels.pop(endpoint).close(grace=None)
-        self.changed.set()
-        self.changed = asyncio.Event()
+        await self.notify_changed()
         return self.snapshot
+
+    async def notify_changed(self) -> None:
+        """Wake every :meth:`wait_changed`: the snapshot, or what fits in it, may differ now."""
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def wait_changed(self, timeout: float) -> bool:
+        """Until the next :meth:`notify_changed` (True) or ``timeout`` seconds (False)."""
+        async with self.changed:
+            try:
+                await asyncio.wait_for(self.changed.wait(), timeout)
+                return True
+            except asyncio.TimeoutError:
+                return False
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(ROLES, 0)

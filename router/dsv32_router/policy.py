@@ -2,7 +2,9 @@
 
 Pure functions over the registry snapshot plus the router's own in-flight
 counts (load reports arrive once per heartbeat, so a burst of requests would
-otherwise all see the same "least loaded" worker).
+otherwise all see the same "least loaded" worker). Pages are counted in each
+worker's own registered page size (``WorkerInfo.pages_for``); the router has
+no page size of its own.
 
 Decode worker D, in order:
 
@@ -16,7 +18,8 @@ Decode worker D, in order:
    then rotation (so that equal workers take turns).
 
 A colocated cluster (``up --colocated``) has no pairs: the request goes whole
-to one colocated worker, chosen by the decode rules above (``role="colocated"``).
+to one colocated worker, chosen by the decode rules above (``role="colocated"``);
+:func:`serving_mode` says which of the two a registry snapshot serves.
 
 Prefill worker P: a pool large enough for the prompt, preferably one that has
 not failed this request, fewest queued tokens (reported + pending from
@@ -43,6 +46,15 @@ class NeverFits(NoCapacity):
     """No decode pool could ever hold the request (→ RESOURCE_EXHAUSTED at once)."""
 
 
+def serving_mode(counts: dict[str, int]) -> str | None:
+    """``disaggregated`` while a (prefill, decode) pair is registered, else ``colocated``
+    while a colocated worker is, else None. A cluster is meant to run one mode; one that
+    has both serves through its pairs. ``counts``: workers per role."""
+    if counts["prefill"] and counts["decode"]:
+        return "disaggregated"
+    return "colocated" if counts["colocated"] else None
+
+
 @dataclass
 class Pending:
     """What this router has sent to one worker and not yet seen finish."""
@@ -54,12 +66,8 @@ class Pending:
 
 @dataclass
 class PairPolicy:
-    page_size: int = 64
     pending: dict[str, Pending] = field(default_factory=dict)
     _turns: dict[str, itertools.count] = field(default_factory=dict)
-
-    def pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)
 
     def _pending(self, worker_id: str) -> Pending:
         return self.pending.setdefault(worker_id, Pending())
@@ -78,14 +86,14 @@ class PairPolicy:
         decode = [w for w in workers if w.role == role]
         if not decode:
             raise NoWorkers(f"no {role} worker is registered")
-        need = self.pages_for(need_tokens)
-        biggest = max(w.total_pages for w in decode)
-        if need > biggest:
-            raise NeverFits(f"the request needs {need} cache pages for prompt + max_tokens; "
-                            f"the largest {role} pool has {biggest}")
-        fits = [w for w in decode if w.free_pages - self._pending(w.worker_id).pages >= need]
+        if all(w.pages_for(need_tokens) > w.total_pages for w in decode):
+            biggest = max(decode, key=lambda w: w.total_pages * w.page_size)
+            raise NeverFits(f"the request needs {biggest.pages_for(need_tokens)} cache pages for prompt + max_tokens; "
+                            f"the largest {role} pool has {biggest.total_pages}")
+        fits = [w for w in decode if w.free_pages - self._pending(w.worker_id).pages >= w.pages_for(need_tokens)]
         if not fits:
-            raise NoCapacity(f"no {role} worker has {need} free cache pages")
+            need = sorted({w.pages_for(need_tokens) for w in decode})
+            raise NoCapacity(f"no {role} worker has {' or '.join(map(str, need))} free cache pages")
         fits = [w for w in fits if w.worker_id not in avoid] or fits
         for w in fits:
             if w.worker_id == affinity:
@@ -99,12 +107,13 @@ class PairPolicy:
         prefill = [w for w in workers if w.role == "prefill"]
         if not prefill:
             raise NoWorkers("no prefill worker is registered")
-        need = self.pages_for(prompt_tokens)
         # a worker that reports no pool size (0) is not filtered out
-        prefill = [w for w in prefill if not w.total_pages or w.total_pages >= need]
-        if not prefill:
-            raise NeverFits(f"the prompt needs {need} cache pages; no prefill pool is that large")
-        fits = [w for w in prefill if w.worker_id not in avoid] or prefill
+        large = [w for w in prefill if not w.total_pages or w.total_pages >= w.pages_for(prompt_tokens)]
+        if not large:
+            need = sorted({w.pages_for(prompt_tokens) for w in prefill})
+            raise NeverFits(f"the prompt needs {' or '.join(map(str, need))} cache pages; "
+                            "no prefill pool is that large")
+        fits = [w for w in large if w.worker_id not in avoid] or large
         order = self._rotation(fits, "prefill")
         return min(fits, key=lambda w: (w.queued_tokens + self._pending(w.worker_id).tokens, order[w.worker_id]))
 

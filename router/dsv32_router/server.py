@@ -27,8 +27,9 @@ from dsv32_proto import serving_pb2, serving_pb2_grpc
 from dsv32_cluster import telemetry
 from dsv32_cluster.directory import WorkerDirectory
 from dsv32_cluster.parent import die_with_parent
-from .orchestrator import Orchestrator, RouterLimits
 from dsv32_cluster.state import DEFAULT_PREFIX, AsyncClusterState
+from .limits import RouterLimits
+from .orchestrator import Orchestrator
 from .validation import ModelSpec, RequestError
 
 log = logging.getLogger("dsv32_router")

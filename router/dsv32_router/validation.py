@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 
 from dsv32_proto import serving_pb2
+from dsv32_text.generation_config import GenerationConfig
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
@@ -52,8 +53,12 @@ class ModelSpec:
     vocab_size: int
     numerics: str = "exact"
     eos_token_id: int = 1
-    default_temperature: float = 1.0
-    default_top_p: float = 0.95
+    """The id whose sampling ends a request with ``stop``: config.json's, which is the one
+    the engine's workers stop on, else generation_config.json's first."""
+    default_temperature: float = GenerationConfig.temperature
+    """For requests that set no temperature; from generation_config.json, as in the engine."""
+    default_top_p: float = GenerationConfig.top_p
+    """For requests that set no top_p; from generation_config.json, as in the engine."""
     default_max_tokens: int = 0
     """For requests that set no max_tokens; 0 = the rest of the context. Decode
     workers commit cache pages for prompt + max_tokens, so this bounds how many
@@ -64,13 +69,12 @@ class ModelSpec:
                         default_max_tokens: int = 0) -> ModelSpec:
         d = Path(model_dir)
         cfg = json.loads((d / "config.json").read_text())
-        gen_path = d / "generation_config.json"
-        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-        eos = cfg.get("eos_token_id", gen.get("eos_token_id", 1))
+        gen = GenerationConfig.from_dir(d)
+        eos = cfg.get("eos_token_id", gen.eos_token_ids or 1)
         return cls(name=name or d.resolve().name, max_model_len=int(cfg.get("max_position_embeddings", 163840)),
                    vocab_size=int(cfg["vocab_size"]), numerics=numerics,
-                   eos_token_id=int(eos[0] if isinstance(eos, list) else eos),
-                   default_temperature=float(gen.get("temperature", 1.0)), default_top_p=float(gen.get("top_p", 0.95)),
+                   eos_token_id=int(eos[0] if isinstance(eos, (list, tuple)) else eos),
+                   default_temperature=gen.temperature, default_top_p=gen.top_p,
                    default_max_tokens=default_max_tokens)
 
 

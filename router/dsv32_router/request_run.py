@@ -1,0 +1,333 @@
+"""One request's run through the router: attempts on worker pairs, retries, the stream.
+
+Steps 3 to 7 of the life cycle told in :mod:`dsv32_router.orchestrator` (pick the
+pair, reserve, prefill, decode, finish), and its failures, cancellation and
+deadlines, for one request that the orchestrator has validated and admitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import aclosing
+from typing import Callable, Coroutine
+
+import grpc
+
+from dsv32_cluster import telemetry
+from dsv32_cluster.directory import WorkerDirectory
+from dsv32_cluster.state import AsyncClusterState, InvalidTransition, WorkerInfo
+from dsv32_proto import serving_pb2, worker_pb2
+from .limits import RouterLimits, deadline_passed
+from .policy import NeverFits, NoCapacity, NoWorkers, PairPolicy, serving_mode
+from .stream import TokenStream
+from .validation import RequestError, ResolvedRequest, Sampling
+
+log = logging.getLogger(__name__)
+# worker failures that another pair may not have
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+              grpc.StatusCode.DATA_LOSS, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED,
+              grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+class WorkerFailed(Exception):
+    """One attempt failed on a worker; the request may be retried on another pair."""
+
+    def __init__(self, role: str, worker: WorkerInfo, message: str, reason: str = "error"):
+        super().__init__(f"{role} worker {worker.worker_id}: {message}")
+        self.role, self.worker, self.reason = role, worker, reason
+
+
+def _sampling_pb(s: Sampling) -> worker_pb2.WorkerSampling:
+    return worker_pb2.WorkerSampling(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                     max_tokens=s.max_tokens, seed=s.seed, stop_token_ids=s.stop_token_ids,
+                                     ignore_eos=s.ignore_eos, logprobs=s.logprobs)
+
+
+class _Hold:
+    """Load one attempt puts on workers in the router's own books, released exactly once."""
+
+    def __init__(self, policy: PairPolicy):
+        self.policy = policy
+        self.items: dict[str, tuple[str, dict]] = {}
+
+    def add(self, key: str, worker_id: str, **amounts: int) -> None:
+        self.release(key)
+        self.policy.add(worker_id, **amounts)
+        self.items[key] = (worker_id, amounts)
+
+    def release(self, key: str) -> None:
+        item = self.items.pop(key, None)
+        if item is not None:
+            self.policy.remove(item[0], **item[1])
+
+    def release_all(self) -> None:
+        for key in list(self.items):
+            self.release(key)
+
+
+class RequestRun:
+    """One request's attempts, stream state and bookkeeping.
+
+    Its collaborators are handed in, shared by every run of the router: the cluster
+    ``state`` (request records, sessions), the worker ``directory`` (registry
+    snapshot, worker stubs, change notifications), the pair ``policy`` and its
+    books, the ``limits``, and ``background``, which runs what must outlive the
+    run (a late cancel, the record of a cancelled request). ``tokens`` turns the
+    workers' tokens into client messages.
+    """
+
+    def __init__(self, req: ResolvedRequest, context, tokens: TokenStream, *, state: AsyncClusterState,
+                 directory: WorkerDirectory, policy: PairPolicy, limits: RouterLimits,
+                 background: Callable[[Coroutine], None]):
+        self.req, self.context, self.tokens = req, context, tokens
+        self.state, self.directory, self.policy, self.limits = state, directory, policy, limits
+        self.background = background
+        self.t0 = time.monotonic()
+        self.ttft: float | None = None
+        self.avoid: set[str] = set()
+        self.prefill_worker = self.decode_worker = ""
+        self._announced = False
+        self.attempt = 0
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens.generated
+
+    @property
+    def finish_reason(self) -> str:
+        return self.tokens.finish_reason
+
+    @property
+    def worker_request_id(self) -> str:
+        """The id workers see: one per attempt, so that a retry landing on the same
+        worker never collides with the remains of the failed attempt there."""
+        return f"{self.req.request_id}#{self.attempt}"
+
+    def _timeout(self) -> float:
+        return self.limits.worker_timeout(self.context)
+
+    async def _record(self, new_state: str, **extra) -> None:
+        """Best effort after creation: a Redis hiccup must not kill a healthy stream."""
+        try:
+            await self.state.transition(self.req.request_id, new_state, **extra)
+        except InvalidTransition as e:
+            log.debug("%s", e)
+        except Exception as e:
+            log.warning("request %s: could not record %s: %s", self.req.request_id, new_state, e)
+
+    async def stream(self):
+        rid = self.req.request_id
+        last_error = ""
+        try:
+            for attempt in range(1, self.limits.max_attempts + 1):
+                self.attempt = attempt
+                try:
+                    async with aclosing(self._attempt()) as msgs:
+                        async for out in msgs:
+                            yield out
+                    await self._finished()
+                    return
+                except WorkerFailed as e:
+                    last_error = str(e)
+                    self.avoid.add(e.worker.worker_id)
+                    telemetry.RETRIES.labels(e.reason).inc()
+                    log.warning("request %s attempt %d failed: %s", rid, attempt, e)
+                    if deadline_passed(self.context):
+                        raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
+                    if attempt < self.limits.max_attempts:
+                        await self._record("queued", error=last_error)
+            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                               f"request failed on {self.limits.max_attempts} worker pairs; last: {last_error}")
+        except RequestError as e:
+            state = "cancelled" if e.code == grpc.StatusCode.DEADLINE_EXCEEDED else "failed"
+            await self._record(state, error=e.message, completion_tokens=len(self.generated))
+            raise
+        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: closed by the handler mid-stream
+            why = "deadline exceeded" if deadline_passed(self.context) else "client cancelled"
+            self.background(self._record("cancelled", error=why, completion_tokens=len(self.generated)))
+            raise
+        except Exception as e:
+            log.exception("request %s: internal error", rid)
+            await self._record("failed", error=f"internal: {e}")
+            raise RequestError(grpc.StatusCode.INTERNAL, f"internal error: {e}") from None
+
+    async def _finished(self) -> None:
+        rid, n = self.req.request_id, len(self.generated)
+        e2e = time.monotonic() - self.t0
+        if n > 1 and self.ttft is not None:
+            telemetry.TPOT.observe((e2e - self.ttft) / (n - 1))
+        telemetry.TOKENS.labels("router", "completion").inc(n)
+        await self._record("finished", finish_reason=self.finish_reason, completion_tokens=n,
+                           ttft_s=round(self.ttft or 0.0, 6), e2e_s=round(e2e, 6))
+        if self.req.session_id:
+            try:
+                await self.state.record_turn(self.req.session_id, rid, self.decode_worker,
+                                             len(self.req.prompt_ids), n)
+            except Exception as e:
+                log.warning("session %s: could not record turn: %s", self.req.session_id, e)
+
+    # -- one attempt ------------------------------------------------------------
+    async def _attempt(self):
+        prompt = self.req.prompt_ids + self.generated
+        sampling = self.req.sampling.remaining(len(self.generated))
+        tracer = telemetry.tracer()
+        hold = _Hold(self.policy)
+        with tracer.start_as_current_span("admit"):
+            d, p, reservation = await self._reserve(len(prompt), sampling.max_tokens, hold)
+        decode_started = False
+        try:
+            # p is None on a colocated worker: d runs the prompt itself, inside its Decode stream
+            self.prefill_worker, self.decode_worker = (p or d).worker_id, d.worker_id
+            await self._record("prefilling", prefill_worker=self.prefill_worker, decode_worker=d.worker_id)
+            pre = None
+            if p is not None:
+                with tracer.start_as_current_span("prefill"):
+                    pre = await self._prefill(p, reservation, prompt, sampling, hold)
+                await self._record("transferring", sent_bytes=pre.sent_bytes, prefill_queue_s=round(pre.queue_s, 6),
+                                   prefill_compute_s=round(pre.compute_s, 6),
+                                   transfer_wait_s=round(pre.transfer_wait_s, 6), prefill_batch=pre.batch_size)
+            decode_started = True
+            with tracer.start_as_current_span("decode"):
+                async with aclosing(self._decode(d, reservation, prompt, sampling, pre)) as decode:
+                    async for out in decode:
+                        yield out
+        except BaseException:
+            if not decode_started:
+                # The Decode stream never took the reservation over: free it.
+                self.background(self._cancel_on(d, "aborted before decode"))
+            raise
+        finally:
+            hold.release_all()
+            await self.directory.notify_changed()  # what this attempt held may let a waiting request fit
+
+    async def _reserve(self, num_prompt: int, max_tokens: int, hold: _Hold
+                       ) -> tuple[WorkerInfo, WorkerInfo | None, worker_pb2.ReserveResponse]:
+        """Reserve on D (or on a colocated worker, returned as D with P = None)."""
+        policy, directory = self.policy, self.directory
+        colocated = serving_mode(directory.counts()) == "colocated"
+        affinity = None
+        if self.req.session_id:
+            try:
+                affinity = (await self.state.session(self.req.session_id)).get("decode_worker")
+            except Exception as e:
+                log.warning("session %s: lookup failed: %s", self.req.session_id, e)
+        deadline = time.monotonic() + self.limits.admission_budget(self.context)
+        full: set[str] = set()  # refused us since the last registry refresh
+        while True:
+            snapshot = [w for w in directory.snapshot if w.worker_id not in full]
+            try:
+                d = policy.choose_decode(snapshot, num_prompt + max_tokens, affinity=affinity,
+                                         avoid=frozenset(self.avoid), role="colocated" if colocated else "decode")
+                p = None if colocated else policy.choose_prefill(snapshot, num_prompt, avoid=frozenset(self.avoid))
+            except NeverFits as e:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+            except (NoCapacity, NoWorkers) as e:
+                if isinstance(e, NoWorkers) and not directory.snapshot:
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(e, NoCapacity) or full \
+                        else grpc.StatusCode.UNAVAILABLE
+                    raise RequestError(code, f"{e}; gave up after waiting") from None
+                await directory.wait_changed(min(left, 0.5))
+                full.clear()
+                continue
+            # Counted as this router's load at once, so that a burst of requests
+            # choosing together spreads instead of herding onto one stale report.
+            hold.add("decode", d.worker_id, requests=1)
+            hold.add("decode_pages", d.worker_id, pages=d.pages_for(num_prompt + max_tokens))
+            if p is not None:
+                hold.add("prefill", p.worker_id, tokens=num_prompt)
+            try:
+                res = await directory.decode_stub(d).Reserve(worker_pb2.ReserveRequest(
+                    request_id=self.worker_request_id, num_prompt_tokens=num_prompt, max_tokens=max_tokens,
+                    prefill_worker_id=p.worker_id if p else "", lease_s=self.limits.reserve_lease_s),
+                    timeout=min(self._timeout(), 30))
+                hold.release("decode_pages")  # D's own report counts them from now on
+                return d, p, res
+            except BaseException as e:
+                hold.release_all()
+                if isinstance(e, grpc.aio.AioRpcError):
+                    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        full.add(d.worker_id)
+                        continue
+                    self._raise_for(e, d.role, d, "reserve")
+                raise
+
+    def _raise_for(self, e: grpc.aio.AioRpcError, role: str, worker: WorkerInfo, phase: str):
+        code = e.code()
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and deadline_passed(self.context):
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
+        if code in _RETRYABLE:
+            reason = "checksum" if code == grpc.StatusCode.DATA_LOSS else phase
+            raise WorkerFailed(role, worker, f"{phase}: {code.name}: {e.details()}", reason) from None
+        raise RequestError(grpc.StatusCode.INTERNAL, f"{role} worker {worker.worker_id} rejected {phase}: "
+                           f"{code.name}: {e.details()}") from None
+
+    async def _prefill(self, p: WorkerInfo, res: worker_pb2.ReserveResponse, prompt: list[int], sampling: Sampling,
+                       hold: _Hold) -> worker_pb2.PrefillResponse:
+        try:
+            return await self.directory.prefill_stub(p).Prefill(worker_pb2.PrefillRequest(
+                request_id=self.worker_request_id, prompt_ids=prompt, sampling=_sampling_pb(sampling),
+                decode_worker_id=res.decode_worker_id, transfer_endpoint=res.transfer_endpoint,
+                transfer_id=res.transfer_id, dst_page_ids=res.page_ids), timeout=self._timeout())
+        except grpc.aio.AioRpcError as e:
+            self._raise_for(e, "prefill", p, "prefill")
+        finally:
+            hold.release("prefill")
+
+    async def _decode(self, d: WorkerInfo, res: worker_pb2.ReserveResponse, prompt: list[int], sampling: Sampling,
+                      pre: worker_pb2.PrefillResponse | None):
+        """``pre`` None: d is a colocated worker, which runs the prompt and samples the first token."""
+        request = worker_pb2.DecodeRequest(request_id=self.worker_request_id, transfer_id=res.transfer_id,
+                                           prompt_ids=prompt, sampling=_sampling_pb(sampling))
+        if pre is not None:
+            request.first.CopyFrom(pre.first)
+            request.checksum, request.sent_bytes = pre.checksum, pre.sent_bytes
+        call = self.directory.decode_stub(d).Decode(request, timeout=self._timeout())
+        first = True
+        try:
+            async for msg in call:
+                if first:
+                    first = False
+                    await self._record("decoding",
+                                       **({"received_bytes": msg.received_bytes} if pre is not None else {}))
+                out = self._emit(msg.tokens)
+                if out is not None:
+                    yield out
+                if self.finish_reason:
+                    return
+        except grpc.aio.AioRpcError as e:
+            self._raise_for(e, d.role, d, "decode" if not first else "verify" if pre is not None else "prefill")
+        finally:
+            call.cancel()  # no-op when the stream ended; frees D's pages otherwise
+        if not self.finish_reason:
+            raise WorkerFailed(d.role, d, "stream ended without a finish reason")
+
+    async def _cancel_on(self, d: WorkerInfo, reason: str) -> None:
+        try:
+            await self.directory.decode_stub(d).Cancel(
+                worker_pb2.CancelRequest(request_id=self.worker_request_id, reason=reason), timeout=5)
+        except Exception as e:
+            log.debug("cancel on %s failed: %s", d.worker_id, e)
+
+    # -- streaming ---------------------------------------------------------------
+    def _emit(self, tokens) -> serving_pb2.GenerateResponse | None:
+        """The next message for the client (None if nothing to say yet), with timing and usage."""
+        out = self.tokens.push(tokens)
+        if out is None:
+            return None
+        if self.ttft is None and out.token_ids:
+            self.ttft = time.monotonic() - self.t0
+            telemetry.TTFT.observe(self.ttft)
+        if not self._announced:
+            self._announced = True
+            out.prefill_worker, out.decode_worker = self.prefill_worker, self.decode_worker
+        if out.finish_reason:
+            out.usage.CopyFrom(serving_pb2.Usage(prompt_tokens=len(self.req.prompt_ids),
+                                                 completion_tokens=len(self.generated),
+                                                 time_to_first_token_s=self.ttft or 0.0,
+                                                 e2e_s=time.monotonic() - self.t0))
+        return out
