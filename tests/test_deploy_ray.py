@@ -1,17 +1,21 @@
-"""The Ray Serve application (deploy/ray/dsv32_serve_ray.py).
+"""The Ray Serve application (``dsv32_serve.ray_app``, launched by deploy/ray/dsv32_serve_ray.py).
 
-Fast: its configuration, deployment options and autoscaling policy. Slow: a
-local Ray (2 CPUs, temp dir under the test's tmp) runs the application on the
-tiny bf16 checkpoint against the session's redis-server; one greedy request
-through the router's gRPC endpoint must give the offline ``LLM``'s tokens, and
-``serve.shutdown()`` must leave no role process and no registration behind.
-deploy/ is not a package: the module is loaded by path, and shipped to the
-replicas with the job's runtime env (``py_modules``).
+Fast: its configuration (also as ``serve run`` strings), deployment options,
+autoscaling policy, and that its replica classes travel by reference. Slow: a
+local Ray (2 CPUs, temp dir under a test temp dir) runs the application on the
+tiny bf16 checkpoint, once built in this process against the session's
+redis-server, once through the documented launcher command with its own private
+Redis; a greedy request through the router's gRPC endpoint must give the
+offline ``LLM``'s tokens, and stopping must leave no process (and no
+registration) behind.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import os
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -22,22 +26,13 @@ from types import SimpleNamespace
 
 import pytest
 
-MODULE_PATH = Path(__file__).resolve().parents[1] / "deploy" / "ray" / "dsv32_serve_ray.py"
+from dsv32_serve import ray_app as dsr
+from test_e2e import _alive, _descendants
+
+LAUNCHER = Path(__file__).resolve().parents[1] / "deploy" / "ray" / "dsv32_serve_ray.py"
 PROMPT = "The disaggregated cluster streams tokens"
 MAX_TOKENS = 8
-
-
-def _load_module():
-    name = "dsv32_serve_ray"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, MODULE_PATH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # before exec: dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-dsr = _load_module()
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
 
 
 # -- configuration and policy (no Ray needed) ---------------------------------------------
@@ -110,6 +105,34 @@ def test_build_app_makes_three_deployments_with_the_policy():
         assert d.ray_actor_options["num_cpus"] == 1.0
 
 
+def test_serve_run_string_arguments_build_the_same_application():
+    pytest.importorskip("ray.serve")
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary  # what `serve run` calls
+
+    args = {"model": "/m", "redis_url": "redis://r", "router_port": "0", "env": '{"OMP_NUM_THREADS": "1"}',
+            "prefill.max_replicas": "3", "prefill.target_load": "4096", "decode.args": "--num-pages 64"}
+    cfg = dsr.AppConfig.from_dict(args)
+    assert cfg.router_port == 0 and cfg.env == {"OMP_NUM_THREADS": "1"}
+    assert cfg.prefill.max_replicas == 3 and cfg.prefill.target_load == 4096
+    assert cfg.decode.args == ["--num-pages", "64"]
+    app = call_user_app_builder_with_args_if_necessary(dsr.build_app, args)
+    assert app._bound_deployment.name == "router" and app._bound_deployment.init_args[0] == cfg.to_dict()
+    with pytest.raises(TypeError, match="unknown key"):
+        dsr.AppConfig.from_dict({"model": "/m", "redis_url": "redis://r", "prefil.max_replicas": "2"})
+    with pytest.raises(ValueError, match="router_port"):
+        dsr.AppConfig.from_dict({"model": "/m", "redis_url": "redis://r", "router_port": "fifty"})
+
+
+def test_replica_classes_are_pickled_by_reference():
+    # the launcher's bug: classes of a __main__ script are pickled by value, with all they hold
+    cloudpickle = pytest.importorskip("ray.cloudpickle")
+    from dsv32_serve.ray_app import replicas
+
+    for cls in replicas.REPLICA_CLASSES.values():
+        blob = cloudpickle.dumps(cls)
+        assert len(blob) < 200 and cloudpickle.loads(blob) is cls, cls
+
+
 # -- the application on a local Ray ---------------------------------------------------------
 
 def _oracle(model: str, out: dict) -> None:
@@ -122,38 +145,45 @@ def _oracle(model: str, out: dict) -> None:
         out["error"] = e
 
 
-def _ray_temp_dir(tmp_path_factory) -> str:
-    # Ray puts unix sockets under it (session_<date>_<pid>/sockets/plasma_store, ~70
+def _start_oracle(model: str) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+    thread = threading.Thread(target=_oracle, args=(model, out), daemon=True)
+    thread.start()  # overlaps with Ray's start
+    return thread, out
+
+
+@pytest.fixture
+def ray_temp_dir(tmp_path_factory):
+    # Ray puts unix sockets under it (ray/session_<date>_<pid>/sockets/plasma_store, ~75
     # characters more); sun_path holds 107. Use the test tmp dir when it is short enough.
     d = str(tmp_path_factory.mktemp("ray"))
-    if len(d) > 36:
+    own = len(d) > 30
+    if own:
         d = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    return d
+    yield d
+    if own:
+        shutil.rmtree(d, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+def _print_logs(log_dir: Path) -> None:
+    for f in sorted(Path(log_dir).glob("*.log")):
+        print(f"--- {f.name}\n{f.read_text(errors='replace')[-3000:]}")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_ray_app_serves_the_offline_llm_tokens_and_shuts_down_cleanly(redis_server, tmp_path_factory, monkeypatch):
+def test_ray_app_serves_the_offline_llm_tokens_and_shuts_down_cleanly(redis_server, tmp_path_factory, ray_temp_dir,
+                                                                     monkeypatch):
     ray = pytest.importorskip("ray")
     serve = pytest.importorskip("ray.serve")
     from checkpoints import tiny_checkpoint
     from dsv32_router.client import generate
     from dsv32_cluster.state import ClusterState
 
-    for k, v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}.items():
+    for k, v in RAY_ENV.items():
         monkeypatch.setenv(k, v)
     model = tiny_checkpoint("bf16", seed=0)  # the same cache entry as test_engine_llm
-    oracle: dict = {}
-    oracle_thread = threading.Thread(target=_oracle, args=(model, oracle), daemon=True)
-    oracle_thread.start()  # overlaps with Ray's start
+    oracle_thread, oracle = _start_oracle(model)
 
     prefix = f"ray-{uuid.uuid4().hex[:6]}:"
     redis_url = f"redis://{redis_server.host}:{redis_server.port}/4"
@@ -166,11 +196,11 @@ def test_ray_app_serves_the_offline_llm_tokens_and_shuts_down_cleanly(redis_serv
            "router": role, "prefill": worker, "decode": worker}
     pids: list[int] = []
     t0 = time.monotonic()
-    ray.init(num_cpus=2, _temp_dir=_ray_temp_dir(tmp_path_factory), include_dashboard=False,
-             runtime_env=dsr.runtime_env(), log_to_driver=False)
+    # no runtime env: the replicas import dsv32_serve.ray_app from the installed package
+    ray.init(num_cpus=2, _temp_dir=ray_temp_dir, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(proxy_location="Disabled")
-        handle = serve.run(dsr.build_app(cfg), name="dsv32", route_prefix=None)
+        handle = serve.run(dsr.build_app(cfg), name=dsr.APP_NAME, route_prefix=None)
         startup_s = time.monotonic() - t0
         target = handle.endpoint.remote().result(timeout_s=30)
         assert target.startswith("127.0.0.1:")
@@ -188,13 +218,12 @@ def test_ray_app_serves_the_offline_llm_tokens_and_shuts_down_cleanly(redis_serv
 
         # what each deployment reports to its autoscaling policy, through the real metric paths
         for name in dsr.ROLES:
-            h = serve.get_deployment_handle(name, app_name="dsv32")
+            h = serve.get_deployment_handle(name, app_name=dsr.APP_NAME)
             assert h.record_autoscaling_stats.remote().result(timeout_s=10) == {dsr.LOAD_METRIC: 0.0}, name
             pids.append(h.process_id.remote().result(timeout_s=10))
         print(f"ray app ready in {startup_s:.1f}s, request done at {time.monotonic() - t0:.1f}s")
     except Exception:
-        for f in sorted(Path(log_dir).glob("*.log")):
-            print(f"--- {f.name}\n{f.read_text(errors='replace')[-3000:]}")
+        _print_logs(log_dir)
         raise
     finally:
         try:
@@ -208,4 +237,76 @@ def test_ray_app_serves_the_offline_llm_tokens_and_shuts_down_cleanly(redis_serv
     assert not [p for p in pids if _alive(p)], "a role process outlived serve.shutdown()"
     assert state.workers() == []
     state.client.close()
+    print(f"total {time.monotonic() - t0:.1f}s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_launcher_command_serves_the_offline_llm_tokens_and_stops_cleanly(tmp_path_factory, ray_temp_dir):
+    """The command of deploy/README.md, as a user runs it: a script, its own local Ray and private Redis."""
+    pytest.importorskip("ray.serve")
+    from checkpoints import tiny_checkpoint
+    from dsv32_router.client import stream_responses
+    from dsv32_cluster.state import ClusterState
+
+    model = tiny_checkpoint("bf16", seed=0)
+    oracle_thread, oracle = _start_oracle(model)
+    log_dir = tmp_path_factory.mktemp("ray-launcher-logs")
+    env = {**os.environ, **RAY_ENV, "RAY_TMPDIR": ray_temp_dir, "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    argv = [sys.executable, str(LAUNCHER), "--model", model, "--num-cpus", "2", "--http-port", "0",
+            "--host", "127.0.0.1", "--router-port", "0", "--log-dir", str(log_dir),
+            "--prefill-arg=--num-pages=64", "--decode-arg=--num-pages=64",
+            *[f"--{role}-num-cpus=0.5" for role in dsr.ROLES]]
+    t0 = time.monotonic()
+    err = open(log_dir / "launcher.stderr", "wb")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True, env=env)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    pids: set[int] = set()
+    try:
+        deadline = time.monotonic() + 180
+        while not any(line.startswith("ready ") for line in lines):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the launcher did not print `ready` (exit {proc.poll()}):\n"
+                                     f"{(log_dir / 'launcher.stderr').read_text(errors='replace')[-5000:]}")
+            time.sleep(0.2)
+        target = next(line for line in lines if line.startswith("ready ")).split()[1]
+        assert target.startswith("127.0.0.1:")
+        redis_url = next(line.split()[-1] for line in (log_dir / "launcher.stderr").read_text().splitlines()
+                         if "private redis" in line)
+        state = ClusterState.from_url(redis_url)  # the default prefix, in the launcher's own Redis
+        workers = {w.role: w for w in state.workers()}
+        state.client.close()
+        assert set(workers) == {"prefill", "decode"}
+        # everything it started: Ray's processes, the replicas, their role processes, redis-server
+        pids = _descendants(proc.pid)
+        assert {w.pid for w in workers.values()} <= pids
+
+        msgs = list(stream_responses(target, PROMPT, max_tokens=MAX_TOKENS, temperature=0.0, timeout=60))
+        oracle_thread.join(120)
+        assert "error" not in oracle, oracle.get("error")
+        assert [t for m in msgs for t in m.token_ids] == oracle["tokens"]
+        assert msgs[-1].finish_reason and msgs[0].prefill_worker == workers["prefill"].worker_id
+        print(f"launcher ready and request done at {time.monotonic() - t0:.1f}s")
+    except Exception:
+        _print_logs(log_dir)
+        raise
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait(10)
+        err.close()
+    assert code == 0, (log_dir / "launcher.stderr").read_text(errors="replace")[-3000:]
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p for p in pids if _alive(p)]
+    for p in left:  # not to leak them into the other tests
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"processes left behind after the launcher stopped: {left}"
     print(f"total {time.monotonic() - t0:.1f}s")
