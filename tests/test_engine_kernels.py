@@ -6,7 +6,7 @@ whole engine under the interpreter here).
 
 1. Link engine → naive: the twins, fed pools filled by the engine's own ``paged``
    writers, compute what the engine's unpaged math computes (``Indexer.scores``,
-   ``MLA._decode``, ``MLA._prefill``), and ``naive_store_kv`` writes the engine's bytes.
+   ``TorchAttention._decode``, ``_prefill``), and ``naive_store_kv`` writes the engine's bytes.
 2. Layer replay: each layer's attention, fed the same hidden states (captured from a
    torch-path run), gives the same cache bytes, the same top-k sets and the same
    output through either path, in both numerics modes, prefill and decode.
@@ -49,11 +49,12 @@ import torch
 from checkpoints import tiny_checkpoint
 from dsv32_kernels import fp8
 from dsv32_engine import paged
+from dsv32_engine.attention_kernels import KernelAttention
 from dsv32_engine.cache import KVCache
 from dsv32_engine.config import ModelConfig
 from dsv32_kernels.layout import CacheLayout
 from dsv32_engine.model import DeepseekV32ForCausalLM, ForwardBatch, SeqSpan
-from dsv32_engine.rope import Rotary, rope_interleaved
+from dsv32_engine.rope import Rotary
 from dsv32_engine.weights import load_weights
 
 MIN_REL_GAP = 1e-5  # same policy as the oracle test: fp32 paths differ by ~1e-6 relative
@@ -62,12 +63,12 @@ SHORT, LONG = 40, 100  # tiny: index_topk = 64; 40 + 8 stays below it, 100 excee
 U32 = 2.0 ** -24
 
 
-def _load(ckpt: str, mode: str):
+def _load(ckpt: str, mode: str, attention_backend: str = "torch"):
     cfg = ModelConfig.from_dir(ckpt)
     layout = CacheLayout(cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_head_dim or 128, mode=mode,
                          dtype=torch.float32)
     with torch.device("meta"):
-        model = DeepseekV32ForCausalLM(cfg, layout)
+        model = DeepseekV32ForCausalLM(cfg, layout, attention_backend)
     load_weights(model, cfg, ckpt, torch.float32)
     return model.eval(), cfg, layout
 
@@ -96,17 +97,11 @@ def loaded(ckpt, mode):
 
 
 # -- 1. engine unpaged math → naive twins ------------------------------------------------------------------
-def _project(mla, x, positions, fp8_mode: bool):
-    """The first lines of ``MLA.forward``: everything a layer computes before it attends."""
+def _project(mla, x, positions):
+    """Everything a layer computes before it stores and attends (``MLA.project``)."""
     cos, sin = Rotary(mla.cfg).cos_sin(positions, x.dtype)
-    T, H = x.shape[0], mla.n_heads
-    qr = mla.q_a_layernorm(mla.q_a_proj(x))
-    q = mla.q_b_proj(qr).view(T, H, mla.nope + mla.rope)
-    kv = mla.kv_a_proj_with_mqa(x)
-    iq, iw, ik = mla.indexer.project(x, qr, cos, sin, fp8_mode)
-    return SimpleNamespace(q_nope=q[..., :mla.nope], q_pe=rope_interleaved(q[..., mla.nope:], cos, sin),
-                           c=mla.kv_a_layernorm(kv[:, :mla.rank]), k_pe=rope_interleaved(kv[:, mla.rank:], cos, sin),
-                           iq=iq, iw=iw, ik=ik)
+    p = mla.project(x, cos, sin)
+    return SimpleNamespace(q_nope=p.q_nope, q_pe=p.q_pe, c=p.c, k_pe=p.k_pe, iq=p.index_q, iw=p.index_w, ik=p.index_k)
 
 
 def _requests(mla, layout, cfg, lens, seed):
@@ -121,7 +116,7 @@ def _requests(mla, layout, cfg, lens, seed):
         used += k
         x = torch.randn(n, cfg.hidden_size, generator=g)
         pos = torch.arange(n)
-        p = _project(mla, x, pos, layout.mode == "fp8")
+        p = _project(mla, x, pos)
         slots = paged.slots_for(table, pos, layout.page_size)
         paged.store_latent(cache.latent[mla.layer], slots, p.c, p.k_pe, layout)
         paged.store_index_key(cache.index[mla.layer], slots, p.ik, layout)
@@ -135,7 +130,7 @@ def _absorbed_q(mla, q_nope, q_pe):
 
 
 def _kernel_index_q(layout, iq, iw, mla):
-    """The indexer query as the kernels take it (what attention_kernels.forward passes)."""
+    """The indexer query as the kernels take it (what ``KernelAttention`` passes)."""
     if layout.mode == "fp8":
         q8, s = fp8.quant_blocks(iq)
         return q8, s[..., 0], iw * mla.indexer.head_dim ** -0.5
@@ -197,7 +192,7 @@ def test_naive_store_kv_writes_the_engines_bytes(loaded):
 def test_naive_decode_chain_equals_engine_decode(loaded):
     """Batched decode (contexts below, at and above index_topk, across pages): the twins' indexer
     logits equal ``Indexer.scores``, their top-k equals the engine's, and ``naive_sparse_mla_decode``
-    over those slots, mapped through W_UV, equals ``MLA._decode``."""
+    over those slots, mapped through W_UV, equals ``TorchAttention._decode``."""
     import dsv32_kernels as K
 
     model, cfg, layout = loaded
@@ -210,7 +205,7 @@ def test_naive_decode_chain_equals_engine_decode(loaded):
         q_nope, q_pe, iq, iw = pick("q_nope"), pick("q_pe"), pick("iq"), pick("iw")
         seqs = [SeqSpan(b, 1, r.n, r.table) for b, r in enumerate(reqs)]
         rec: list = []
-        out_engine = mla._decode(q_nope, q_pe, (iq, iw), seqs, cache, SimpleNamespace(record_topk=rec))
+        out_engine = mla.attention._decode(q_nope, q_pe, (iq, iw), seqs, cache, SimpleNamespace(record_topk=rec))
 
         tables = torch.nn.utils.rnn.pad_sequence([r.table for r in reqs], batch_first=True, padding_value=-1).int()
         ctx = torch.tensor(lens, dtype=torch.int32)
@@ -243,7 +238,7 @@ def test_naive_decode_chain_equals_engine_decode(loaded):
 def test_naive_prefill_chain_equals_engine_prefill(loaded):
     """Chunked prefill (40 new tokens after 110 cached): ``naive_indexer_logits_prefill`` equals the
     engine's causal index scores, the top-k sets are the engine's, and ``naive_sparse_mla_prefill`` in
-    the absorbed form equals ``MLA._prefill``'s expanded MHA."""
+    the absorbed form equals ``TorchAttention._prefill``'s expanded MHA."""
     import dsv32_kernels as K
 
     model, cfg, layout = loaded
@@ -255,13 +250,13 @@ def test_naive_prefill_chain_equals_engine_prefill(loaded):
         p = r.p
         span = SeqSpan(0, n, L, r.table)
         rec: list = []
-        out_engine = mla._prefill(p.q_nope[new], p.q_pe[new], (p.iq[new], p.iw[new]), span, cache,
-                                  SimpleNamespace(record_topk=rec, query_block=None))
+        out_engine = mla.attention._prefill(p.q_nope[new], p.q_pe[new], (p.iq[new], p.iw[new]), span, cache,
+                                            SimpleNamespace(record_topk=rec, query_block=None))
         visible = rec[0][2]
         # attention in query blocks (what EngineCore.prefill does for long prompts) changes nothing
         rec_blocks: list = []
-        blocked = mla._prefill(p.q_nope[new], p.q_pe[new], (p.iq[new], p.iw[new]), span, cache,
-                               SimpleNamespace(record_topk=rec_blocks, query_block=7))
+        blocked = mla.attention._prefill(p.q_nope[new], p.q_pe[new], (p.iq[new], p.iw[new]), span, cache,
+                                         SimpleNamespace(record_topk=rec_blocks, query_block=7))
         assert torch.equal(rec_blocks[0][2], visible)
         assert (blocked - out_engine).abs().max() <= 1e-5  # only the fp32 summation order of the GEMMs differs
 
@@ -301,10 +296,10 @@ def test_layer_replay_same_bytes_same_topk_same_output(kind, mode, ckpt, v3_ckpt
     second request of 30 tokens, then decode steps that batch both requests) are replayed through the torch
     path and the kernel path on fresh caches: the caches hold the same bytes, the top-k sets are the same,
     the outputs agree to fp32 rounding. Both numerics modes (this is where fp8 mode is compared
-    closely), with the indexer (v32) and without (v3: every causal position, latent-only store)."""
-    from dsv32_engine import attention_kernels
-
-    model, cfg, layout = _load(ckpt if kind == "v32" else v3_ckpt, mode)
+    closely), with the indexer (v32) and without (v3: every causal position, latent-only store). The two
+    paths are two models built from the same checkpoint, one per ``attention_backend``."""
+    model, cfg, layout = _load(ckpt if kind == "v32" else v3_ckpt, mode, "torch")
+    models = {"torch": model, "kernels": _load(ckpt if kind == "v32" else v3_ckpt, mode, "kernels")[0]}
     assert cfg.has_indexer == (kind == "v32")
     g = torch.Generator().manual_seed(7)
     a_ids = torch.randint(100, 120000, (153,), generator=g).tolist()
@@ -318,7 +313,6 @@ def test_layer_replay_same_bytes_same_topk_same_output(kind, mode, ckpt, v3_ckpt
     hooks = [layer.self_attn.register_forward_hook(lambda m, i, o: calls.append((m.layer, i[:4])))
              for layer in model.model.layers]
     cache = KVCache(layout, cfg.num_hidden_layers, 6, with_index=cfg.has_indexer)
-    attention_kernels.set_attention_backend(model, "torch")
     try:
         for ids_a, sa, ids_b, sb in steps:
             seqs, ids, pos, slots = [], [], [], []
@@ -338,7 +332,6 @@ def test_layer_replay_same_bytes_same_topk_same_output(kind, mode, ckpt, v3_ckpt
             h.remove()
     assert len(calls) == len(steps) * cfg.num_hidden_layers
     for layer in range(cfg.num_hidden_layers):
-        mla = model.model.layers[layer].self_attn
         caches = {p: KVCache(layout, cfg.num_hidden_layers, 6, with_index=cfg.has_indexer)
                   for p in ("torch", "kernels")}
         for lay, (x, cos, sin, batch) in calls:
@@ -350,10 +343,7 @@ def test_layer_replay_same_bytes_same_topk_same_output(kind, mode, ckpt, v3_ckpt
                 b = ForwardBatch(batch.input_ids, batch.positions, batch.slot_mapping, batch.seqs,
                                  batch.logits_indices, record_topk=rec)
                 with torch.inference_mode():
-                    if path == "torch":
-                        outs[path] = mla(x, cos, sin, b, caches[path])
-                    else:
-                        outs[path] = attention_kernels.forward(mla, x, cos, sin, b, caches[path])
+                    outs[path] = models[path].model.layers[layer].self_attn(x, cos, sin, b, caches[path])
                 recs[path] = rec
             for p in ("latent", "index"):
                 assert torch.equal(getattr(caches["torch"], p)[layer].view(torch.uint8),
@@ -455,7 +445,7 @@ def test_kernels_backend_on_cpu_gives_the_torch_paths_greedy_tokens(llms, case):
     kw = {"max_num_batched_tokens": 32} if case == "exact-chunked" else {}
     kernels, torch_path = llms(mode, "kernels", **kw), llms(mode, "torch", **kw)
     assert torch_path.engine.attention_backend == "torch" and kernels.engine.attention_backend == "kernels"
-    assert kernels.engine.model.model.layers[0].self_attn.kernel_path
+    assert isinstance(kernels.engine.model.model.layers[0].self_attn.attention, KernelAttention)
     lengths = [SHORT] if mode == "fp8" else [SHORT, LONG]
     prompts = [_tie_free_prompt(kernels, n)[0] for n in lengths]
     ours = _generate(kernels, prompts)
@@ -464,11 +454,11 @@ def test_kernels_backend_on_cpu_gives_the_torch_paths_greedy_tokens(llms, case):
 
 
 def test_default_backend_and_bad_name(ckpt):
-    from dsv32_engine import attention_kernels
     from dsv32_engine.engine import EngineCore
+    from dsv32_engine.model import resolve_backend
 
-    assert attention_kernels.resolve_backend(None, torch.device("cpu")) == "torch"
-    assert attention_kernels.resolve_backend(None, torch.device("cuda")) == "kernels"
+    assert resolve_backend(None, torch.device("cpu")) == "torch"
+    assert resolve_backend(None, torch.device("cuda")) == "kernels"
     with pytest.raises(ValueError, match="attention_backend must be one of"):
         EngineCore(ckpt, num_pages=4, attention_backend="triton")
 

@@ -42,9 +42,14 @@ def test_preemption_under_page_pressure_gives_the_same_tokens():
     ckpt = tiny_checkpoint("bf16", seed=0)
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     ps = [list(range(1000 + i, 1060 + i)) for i in range(4)]
-    roomy = LLM(ckpt, num_pages=32).generate(ps, sp)
+    roomy_llm = LLM(ckpt, num_pages=32)
+    roomy = roomy_llm.generate(ps, sp)
+    assert roomy_llm.engine.scheduler.num_preemptions == 0
     tight_llm = LLM(ckpt, num_pages=5)  # 4 requests × 2 pages do not fit: someone is preempted and recomputed
     tight = tight_llm.generate(ps, sp)
+    assert tight_llm.engine.scheduler.num_preemptions > 0
+    # a preempted request recomputes its prompt and outputs so far: more prefill work than the prompts alone
+    assert tight_llm.engine.stats["prefill_tokens"] > sum(len(p) for p in ps)
     assert [o.outputs[0].token_ids for o in tight] == [o.outputs[0].token_ids for o in roomy]
     tight_llm.engine.allocator.check_no_leaks()
 

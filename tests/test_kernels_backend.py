@@ -64,10 +64,12 @@ def test_subprocess_torch_first_then_env_then_triton():
         from dsv32_kernels import testing as kt
         assert K.interpreter_active()
         assert K.get_backend() == "triton", K.get_backend()
-        x = torch.randn(3, 130)
-        w_q, w_s = kt.fp8.quant_weight(torch.randn(20, 130))
-        y = K.fp8_gemm(x, w_q, w_s)
-        torch.testing.assert_close(y, K.naive_fp8_gemm(x, w_q, w_s), rtol=1e-5, atol=1e-4)
+        layout = kt.small_layout("exact")
+        cache = kt.build_cache(layout, [10])
+        q, idx = torch.randn(1, 2, layout.latent_dim), cache.slots(0)[None].to(torch.int32)
+        o, _ = K.sparse_mla_decode(q, cache.latent_pool, idx, 0.1, layout)
+        o_ref, _ = K.naive_sparse_mla_decode(q, cache.latent_pool, idx, 0.1, layout)
+        torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
         print("ok")
     """, {"DSV32_KERNELS": "triton"})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
@@ -78,11 +80,14 @@ def test_subprocess_triton_imported_too_early_gives_a_clear_error():
     r = _run("""
         import triton, torch
         import dsv32_kernels as K
-        from dsv32_kernels import fp8
+        from dsv32_kernels import testing as kt
         assert not K.interpreter_active()
+        layout = kt.small_layout("exact")
+        cache = kt.build_cache(layout, [10])
         try:
             with K.backend("triton"):
-                K.fp8_gemm(torch.randn(2, 128), *fp8.quant_weight(torch.randn(4, 128)))
+                K.sparse_mla_decode(torch.randn(1, 2, layout.latent_dim), cache.latent_pool,
+                                    cache.slots(0)[None].to(torch.int32), 0.1, layout)
         except RuntimeError as e:
             print("error:", e)
     """, {})

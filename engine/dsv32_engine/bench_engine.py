@@ -107,7 +107,7 @@ def bench_dsa_step(llm, batch: int, repeats: int) -> dict:
     step = ForwardBatch(torch.randint(100, 120000, (batch,), generator=g), pos,
                         torch.stack([t[(ctx - 1) // 64] * 64 + (ctx - 1) % 64 for t in tables]),
                         [SeqSpan(i, 1, ctx, t) for i, t in enumerate(tables)], torch.arange(batch))
-    layers = [layer.self_attn for layer in eng.model.model.layers]
+    layers = [layer.self_attn.attention for layer in eng.model.model.layers]
     topk = cfg.index_topk
     attn_time = [0.0]
     originals = [a._decode for a in layers]

@@ -2,9 +2,10 @@
 
 Allocation follows a query/commit discipline (``can_allocate`` then
 ``allocate``), so a caller that cannot get every page it needs takes none.
-Pages carry reference counts so that a page can later be shared by requests
-with a common prefix; a page returns to the free list when its count drops to
-zero. ``check_no_leaks`` is what tests and shutdown paths call.
+Each page has one owner: ``free`` returns it to the free list and refuses a
+page that is not allocated (double free). There is no sharing between
+requests yet (that comes with prefix caching). ``check_no_leaks`` is what
+tests and shutdown paths call.
 """
 
 from __future__ import annotations
@@ -42,13 +43,6 @@ class PageAllocator:
         for p in pages:
             self._refs[p] = 1
         return pages
-
-    def share(self, pages: list[int]) -> None:
-        """Take one more reference on pages that are already in use (prefix sharing)."""
-        for p in pages:
-            if self._refs[p] <= 0:
-                raise ValueError(f"page {p} is not allocated")
-            self._refs[p] += 1
 
     def free(self, pages: list[int]) -> None:
         for p in pages:

@@ -1,11 +1,16 @@
 """Token sampling: greedy, temperature, top-k, top-p, per-request seeds.
 
 Sampling draws exponential noise and takes ``argmax(p / noise)`` (the
-Gumbel-max trick in another guise: no host sync, no ``multinomial``). The noise
-of the token at position ``pos`` comes from a generator seeded by
+Gumbel-max trick in another guise) instead of calling ``multinomial``. The
+noise of the token at position ``pos`` comes from a generator seeded by
 ``(seed, pos)``, so a request sampled partly on a prefill worker and partly on
 a decode worker — or preempted and recomputed — draws the same tokens as it
 would in one process.
+
+This is not sync-free: rows are sampled one at a time in Python and each chosen
+id is read back to the host (``int(...)``), one device-to-host sync per request
+per step, plus one per value in ``top_logprobs``. Keeping the ids on the device
+(one batched draw, one read per step) is still to be written.
 """
 
 from __future__ import annotations

@@ -61,6 +61,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions = 0  # requests sent back to ``waiting`` for lack of pages, since start
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -83,6 +84,7 @@ class Scheduler:
                 self.release(victim)
                 victim.num_computed = 0
                 self.waiting.appendleft(victim)
+                self.num_preemptions += 1
                 return True
         return False
 
