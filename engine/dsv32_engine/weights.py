@@ -4,7 +4,8 @@ The model is built on the meta device and each parameter is assigned from the
 checkpoint one tensor at a time (safetensors reads are memory-mapped), so the
 weights are never held twice. FP8 weights (e4m3 + ``weight_scale_inv`` over
 128×128 blocks, spec §8) are dequantised tensor by tensor into the compute
-dtype. Routed experts are stacked in memory from one entry per expert on disk.
+dtype. Routed experts are stacked in memory from one entry per expert on disk; an
+expert-parallel rank reads only the experts its placement gives it.
 The MTP layer (index ``num_hidden_layers``) is skipped: it is not used yet.
 """
 
@@ -25,6 +26,7 @@ from .config import ConfigError, ModelConfig
 FP32_PARAMS = re.compile(r"(mlp\.gate\.weight|e_score_correction_bias|indexer\.weights_proj\.weight)$")
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_ROUTED = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\d+\.")
 
 
 class CheckpointError(ConfigError):
@@ -88,19 +90,27 @@ class _Reader:
 
 
 def load_weights(model: nn.Module, cfg: ModelConfig, model_dir: str | Path, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
-    """Assign every parameter of a meta-device ``model`` from the checkpoint."""
+                 device: torch.device | str = "cpu", local_experts: list[int] | None = None) -> None:
+    """Assign every parameter of a meta-device ``model`` from the checkpoint.
+
+    ``local_experts``: the routed experts this rank holds (expert parallelism; default all). Only
+    their tensors are read; the other experts' entries are accounted for but never touched.
+    """
     files = checkpoint_files(model_dir)
     reader = _Reader(files)
     used: set[str] = set()
+    experts = list(range(cfg.n_routed_experts or 0)) if local_experts is None else list(local_experts)
     for pname, param in list(model.named_parameters()):
         want = torch.float32 if FP32_PARAMS.search(pname) else dtype
         m = _EXPERT.match(pname)
         if m:
+            if param.shape[0] != len(experts):
+                raise CheckpointError(f"{pname} holds {param.shape[0]} experts, the placement gives this rank "
+                                      f"{len(experts)}")
             out = torch.empty(param.shape, dtype=want, device=device)
-            for e in range(param.shape[0]):
+            for i, e in enumerate(experts):
                 name = f"{m.group(1)}.{e}.{m.group(2)}.weight"
-                out[e] = reader.weight(name, tuple(param.shape[1:]), want)
+                out[i] = reader.weight(name, tuple(param.shape[1:]), want)
                 used.add(name)
         else:
             name = pname if pname.endswith(("weight", "bias")) else pname  # e_score_correction_bias keeps its name
@@ -108,11 +118,23 @@ def load_weights(model: nn.Module, cfg: ModelConfig, model_dir: str | Path, dtyp
             used.add(name)
         _assign(model, pname, out)
     for name in files:
-        if name.endswith("weight_scale_inv"):
-            used.add(name)
+        if name.endswith("weight_scale_inv") or (local_experts is not None and _ROUTED.match(name)):
+            used.add(name)  # scales were read with their weights; other ranks' experts are theirs to read
     extra = [n for n in files if n not in used and not _is_mtp(n, cfg)]
     if extra:
         raise CheckpointError(f"checkpoint has {len(extra)} tensors the config does not use, e.g. {sorted(extra)[:5]}")
+
+
+def resident_weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the loaded parameters, measured from the tensors: routed experts and the rest."""
+    routed = other = 0
+    for pname, p in model.named_parameters():
+        n = p.numel() * p.element_size()
+        if _EXPERT.match(pname):
+            routed += n
+        else:
+            other += n
+    return {"routed_experts": routed, "replicated": other, "total": routed + other}
 
 
 def _is_mtp(name: str, cfg: ModelConfig) -> bool:
