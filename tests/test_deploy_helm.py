@@ -36,6 +36,8 @@ CASES = {
     "pvc-created-no-netpol": {"model": {"volume": {"type": "pvc"}}, "networkPolicy": {"enabled": False},
                               "metrics": {"serviceMonitor": {"enabled": True}}},
     "long-release-name": {},
+    "expert-parallel": {"gpu": {"enabled": True}, "decode": {"expertParallel": {"size": 4}},
+                        "prefill": {"expertParallel": {"size": 2}}},
 }
 RELEASE = {"long-release-name": "r" * 53}  # Helm's longest release name
 
@@ -416,7 +418,7 @@ def test_model_volume_and_demo_checkpoint(chart):
 @pytest.mark.parametrize("values, message", [
     ({"decode": {"config": {"port": 1}}}, "decode.config.port is set by the chart"),
     ({"router": {"config": {"redis_url": "redis://x"}}}, "router.config.redis_url is set by the chart"),
-    ({"decode": {"expertParallel": {"size": 2}}}, "EP groups of size 1 only"),
+    ({"decode": {"expertParallel": {"size": 0}}}, "size"),
     ({"redis": {"enabled": False}}, "needs redis.externalUrl"),
     ({"model": {"makeCheckpoint": {"enabled": False}}}, "emptyDir holds no model"),
     ({"prefill": {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": 0,
@@ -430,3 +432,24 @@ def test_bad_values_are_refused_with_a_message(chart, values, message):
     with pytest.raises(helm.HelmError) as e:
         chart.render(values, name="demo", namespace="serving")
     assert message in str(e.value)
+
+
+def test_an_expert_parallel_pod_runs_its_group(chart):
+    """One pod = one EP group: DSV32_EP_SIZE, one GPU per rank, a port (and KV port) per rank,
+    and the NetworkPolicy opens the ranks' port range."""
+    r = _render(chart, "expert-parallel")
+    for role, size in (("decode", 4), ("prefill", 2)):
+        [c] = r.workload(role)["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["DSV32_EP_SIZE"] == str(size)
+        gpus = [v for k, v in c["resources"]["limits"].items() if "gpu" in k]
+        assert gpus == [size]
+        base = r.values[role]["port"] if "port" in r.values.get(role, {}) else None
+        grpc = sorted(p["containerPort"] for p in c["ports"] if p["name"].startswith("grpc"))
+        assert grpc == list(range(grpc[0], grpc[0] + size)) and (base is None or grpc[0] == base)
+        if role == "decode":
+            kv = sorted(p["containerPort"] for p in c["ports"] if p["name"].startswith("kv"))
+            assert len(kv) == size and kv == list(range(kv[0], kv[0] + size))
+        [pol] = [p for p in r.of("NetworkPolicy") if p["metadata"]["name"].endswith(role)]
+        opened = pol["spec"]["ingress"][0]["ports"][0]
+        assert (opened["port"], opened["endPort"]) == (grpc[0], grpc[-1])

@@ -37,8 +37,7 @@ def _rank(ep, model_dir: str, batch: int, prompt_len: int, steps: int, warmup: i
         ids = [(ep.rank * 1009 + b * 7919 + i * 104729) % 120000 + 100 for i in range(prompt_len)]
         eng.add_request(f"r{ep.rank}-{b}", ids, SamplingParams(temperature=0.0, max_tokens=warmup + steps + 2,
                                                                ignore_eos=True))
-    while any(r.num_computed < len(r.prompt_ids) for r in eng.scheduler.waiting + eng.scheduler.running) \
-            or eng.scheduler.waiting:
+    while eng.scheduler.waiting or any(r.num_computed < len(r.prompt_ids) for r in eng.scheduler.running):
         eng.step()  # prefill (chunked) until every request decodes
     for _ in range(warmup):
         eng.step()

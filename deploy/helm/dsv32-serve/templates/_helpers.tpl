@@ -118,6 +118,11 @@ model numerics served_model_name host port advertise_host worker_id redis_url re
 - name: DSV32_TRANSFER_PORT
   value: {{ .v.transferPort | quote }}
 {{- end }}
+{{- if .v.expertParallel }}
+# one pod = one EP group: the worker starts its ranks (one GPU each; rank R on port + R)
+- name: DSV32_EP_SIZE
+  value: {{ .v.expertParallel.size | quote }}
+{{- end }}
 {{- range $key, $value := .v.config }}
 {{- if has $key $managed }}
 {{- fail (printf "%s.config.%s is set by the chart; use the chart's own value for it (see values.yaml)" $.role $key) }}

@@ -6,11 +6,12 @@
 {{- $v := index $root.Values $role }}
 {{- $ctx := dict "root" $root "component" $role }}
 {{- $gpus := $v.gpus }}
-{{- if eq $role "decode" }}
-{{- if ne (int $v.expertParallel.size) 1 }}
-{{- fail "decode.expertParallel.size: the decode worker implements EP groups of size 1 only (see values.yaml for how larger sizes map)" }}
+{{- $ep := int $v.expertParallel.size }}
+{{- if lt $ep 1 }}
+{{- fail (printf "%s.expertParallel.size must be >= 1" $role) }}
 {{- end }}
-{{- $gpus = $v.expertParallel.size }}
+{{- if or (gt $ep 1) (not $gpus) }}
+{{- $gpus = $ep }}{{/* one GPU per rank */}}
 {{- end }}
 apiVersion: apps/v1
 kind: StatefulSet
@@ -68,6 +69,17 @@ spec:
             - name: kv-transfer
               containerPort: {{ $v.transferPort }}
               protocol: TCP
+            {{- end }}
+            {{- /* EP rank R of the pod's group serves on port + R (and transfer port + R) */}}
+            {{- range $r := untilStep 1 $ep 1 }}
+            - name: grpc-r{{ $r }}
+              containerPort: {{ add $v.port $r }}
+              protocol: TCP
+            {{- if eq $role "decode" }}
+            - name: kv-r{{ $r }}
+              containerPort: {{ add $v.transferPort $r }}
+              protocol: TCP
+            {{- end }}
             {{- end }}
             {{- if $root.Values.metrics.enabled }}
             - name: metrics
