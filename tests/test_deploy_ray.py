@@ -257,6 +257,7 @@ def test_launcher_command_serves_the_offline_llm_tokens_and_stops_cleanly(tmp_pa
     argv = [sys.executable, str(LAUNCHER), "--model", model, "--num-cpus", "2", "--http-port", "0",
             "--host", "127.0.0.1", "--router-port", "0", "--log-dir", str(log_dir),
             "--prefill-arg=--num-pages=64", "--decode-arg=--num-pages=64",
+            "--decode-ep-size", "2",  # the decode replica runs an expert-parallel group of two ranks
             *[f"--{role}-num-cpus=0.5" for role in dsr.ROLES]]
     t0 = time.monotonic()
     err = open(log_dir / "launcher.stderr", "wb")
@@ -276,12 +277,15 @@ def test_launcher_command_serves_the_offline_llm_tokens_and_stops_cleanly(tmp_pa
         redis_url = next(line.split()[-1] for line in (log_dir / "launcher.stderr").read_text().splitlines()
                          if "private redis" in line)
         state = ClusterState.from_url(redis_url)  # the default prefix, in the launcher's own Redis
-        workers = {w.role: w for w in state.workers()}
+        registered = state.workers()
+        workers = {w.role: w for w in registered}
         state.client.close()
         assert set(workers) == {"prefill", "decode"}
+        ranks = sorted((w.ep_rank, w.ep_size) for w in registered if w.role == "decode")
+        assert ranks == [(0, 2), (1, 2)] and len({w.ep_group for w in registered if w.role == "decode"}) == 1
         # everything it started: Ray's processes, the replicas, their role processes, redis-server
         pids = _descendants(proc.pid)
-        assert {w.pid for w in workers.values()} <= pids
+        assert {w.pid for w in registered} <= pids
 
         msgs = list(stream_responses(target, PROMPT, max_tokens=MAX_TOKENS, temperature=0.0, timeout=60))
         oracle_thread.join(120)

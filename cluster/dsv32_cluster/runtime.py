@@ -1,63 +1,169 @@
-"""What both worker roles share: engine flags, the engine, wire conversions, the
+"""What both worker roles share: their flags, the engine, wire conversions, the
 gRPC server with health checking and the Redis registration.
 
-Part of the torch-free control-plane package; the engine is imported only
-when a worker builds it.
+The engine's flags are made from :class:`dsv32_engine.engine_config.EngineConfig`
+(one flag per field, its docstring as help) and parsed back into one; every
+flag's default may come from ``DSV32_<FLAG>`` (:mod:`.envflags`). Part of the
+torch-free control-plane package; the engine is imported only when a worker
+builds it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import logging
 import os
 import signal
 import socket
 import threading
 from concurrent import futures
+from dataclasses import MISSING, fields
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dsv32_proto import serving_pb2, worker_pb2
 from . import telemetry
+from .envflags import add_env_argument
 from .heartbeat import Heartbeat
 from .state import DEFAULT_PREFIX, ClusterState, WorkerInfo
 
 log = logging.getLogger(__name__)
 
 
-def env(name: str, default=None):
-    return os.environ.get(f"DSV32_{name.upper()}", default)
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags shared by both worker roles (the prefill worker imports this)."""
-    p.add_argument("--model", default=env("model"), help="checkpoint directory [DSV32_MODEL]")
-    p.add_argument("--numerics", default=env("numerics", "exact"), choices=("exact", "fp8"))
-    p.add_argument("--dtype", default=env("dtype"), help="float32 | bfloat16 (default: by device)")
-    p.add_argument("--device", default=env("device"), help="cpu | cuda | cuda:N (default: cuda if available)")
-    p.add_argument("--num-pages", type=int, default=int(env("num_pages", "0")) or None,
-                   help="cache pages of this worker's pool (default: the engine's budget)")
-    p.add_argument("--max-num-seqs", type=int, default=int(env("max_num_seqs", "64")))
-    p.add_argument("--max-num-batched-tokens", type=int, default=int(env("max_num_batched_tokens", "2048")))
-    p.add_argument("--host", default=env("host", "127.0.0.1"), help="address to bind [DSV32_HOST]")
-    p.add_argument("--advertise-host", default=env("advertise_host"),
-                   help="address others use to reach this worker (default: --host, or this host's name "
-                        "when --host is a wildcard) [DSV32_ADVERTISE_HOST]")
-    p.add_argument("--port", type=int, default=int(env("port", "0")), help="gRPC port (0 = any free port)")
-    p.add_argument("--worker-id", default=env("worker_id"), help="default: ROLE-HOST-PID")
-    p.add_argument("--redis-url", default=env("redis_url", "redis://127.0.0.1:6379/0"))
-    p.add_argument("--redis-prefix", default=env("redis_prefix", DEFAULT_PREFIX))
-    p.add_argument("--heartbeat-interval", type=float, default=float(env("heartbeat_interval", "0.5")))
-    p.add_argument("--transfer-timeout", type=float, default=float(env("transfer_timeout", "60")),
-                   help="bound on every wait of a KV transfer, seconds")
-    p.add_argument("--enable-fault-injection", action="store_true",
-                   default=env("enable_fault_injection", "") not in ("", "0", "false"),
-                   help="honour InjectFault RPCs (tests only)")
+def add_engine_arguments(p: argparse.ArgumentParser, *, from_env: bool = True, skip: tuple[str, ...] = ()) -> None:
+    """One flag per ``EngineConfig`` field (``max_num_seqs`` → ``--max-num-seqs``), its docstring as help.
+
+    ``from_env``: the default is ``DSV32_<FLAG>``, else the field's own (a worker). Otherwise every
+    default is None, meaning "not given" (``up``, which passes on what was given: :func:`engine_argv`).
+    """
+    from dsv32_engine.engine_config import DTYPES, NUMERICS, EngineConfig, field_docs
+
+    docs, choices = field_docs(EngineConfig), {"numerics": NUMERICS, "dtype": DTYPES}
+    for f in fields(EngineConfig):
+        if f.name in skip:
+            continue
+        kind = int if str(f.type).startswith("int") else str
+        if from_env:
+            add_env_argument(p, _flag(f.name), type=kind, default=None if f.default is MISSING else f.default,
+                             choices=choices.get(f.name), help=docs[f.name])
+        else:
+            p.add_argument(_flag(f.name), type=kind, default=None, choices=choices.get(f.name), help=docs[f.name])
+
+
+def engine_config(args: argparse.Namespace):
+    """The ``EngineConfig`` of parsed engine flags (validated there: a bad value is a ``ConfigError``)."""
+    from dsv32_engine.engine_config import EngineConfig
+
+    return EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)})
+
+
+def engine_argv(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list[str]:
+    """The engine flags that were given (not None), as a worker's command line."""
+    from dsv32_engine.engine_config import EngineConfig
+
+    argv = []
+    for f in fields(EngineConfig):
+        value = getattr(args, f.name, None)
+        if f.name not in skip and value is not None:
+            argv += [_flag(f.name), str(value)]
+    return argv
+
+
+def add_worker_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags every worker role has: the engine's, then where it serves and registers."""
+    add_engine_arguments(p)
+    arg = functools.partial(add_env_argument, p)
+    arg("--host", default="127.0.0.1", help="address to bind")
+    arg("--advertise-host", help="address others use to reach this worker (default: --host, or this host's name "
+                                 "when --host is a wildcard)")
+    arg("--port", type=int, default=0, help="gRPC port (0 = any free port)")
+    arg("--worker-id", help="default: ROLE-HOST-PID")
+    arg("--redis-url", default="redis://127.0.0.1:6379/0")
+    arg("--redis-prefix", default=DEFAULT_PREFIX)
+    arg("--heartbeat-interval", type=float, default=0.5, help="seconds between load reports (and on each change)")
+    arg("--transfer-timeout", type=float, default=60.0, help="bound on every wait of a KV transfer, seconds")
+    arg("--enable-fault-injection", type=bool, default=False, help="honour InjectFault RPCs (tests only)")
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process dies (used by `up`)")
-    p.add_argument("--otel-exporter", default=env("otel_exporter", "none"), choices=telemetry.EXPORTERS)
-    p.add_argument("--metrics-port", type=int, default=int(env("metrics_port", "0")))
-    p.add_argument("--log-level", default=env("log_level", "INFO"))
+    arg("--ep-size", type=int, default=1, help="ranks of this worker's expert-parallel group: the command starts "
+        "them all, one process (one GPU where there are GPUs) per rank; each rank holds 1/N of the routed experts "
+        "and its own requests, pages and KV endpoint (data-parallel attention) and registers as its own target")
+    arg("--ep-placement", help="JSON file {rank: [expert ids]} placing the routed experts (default: even split)")
+    arg("--ep-timeout", type=float, default=30.0, help="bound on every collective of the EP group, seconds")
+    p.add_argument("--ep-rank", type=int, default=None, help=argparse.SUPPRESS)  # set for the ranks it starts
+    p.add_argument("--ep-master", default=None, help=argparse.SUPPRESS)
+    arg("--otel-exporter", default="none", choices=telemetry.EXPORTERS)
+    arg("--metrics-port", type=int, default=0)
+    arg("--log-level", default="INFO")
+
+
+def start_ep_group(role: str, args: argparse.Namespace) -> list:
+    """``ROLE --ep-size N`` (N > 1): this process is rank 0 of the group, starts ranks 1..N-1 (the same
+    command plus ``--ep-rank R --ep-master HOST:PORT``) and watches them: when one exits, so does this
+    one (the ranks exit when it does: parent-death signal). Every rank registers as
+    ``<worker id>-ep<R>`` in EP group ``<worker id>``. Returns the started processes (none for a rank
+    that was started, or without EP)."""
+    if args.ep_size < 1:
+        raise SystemExit(f"{role}: --ep-size must be >= 1, got {args.ep_size}")
+    args.ep_group = ""
+    if args.ep_size == 1:
+        return []
+    import sys
+
+    from .procs import RoleProcess, free_port
+
+    base = args.worker_id or f"{role}-{socket.gethostname()}-{os.getpid()}"
+    children = []
+    if args.ep_rank is None:
+        # the ranks of a group run on this machine (one pod / node): they meet on loopback
+        args.ep_rank, args.ep_master = 0, f"127.0.0.1:{free_port('127.0.0.1')}"
+        for r in range(1, args.ep_size):
+            # rank R serves on the given ports + R (a fixed port stays predictable for probes and
+            # NetworkPolicies), or on free ports when they were 0
+            shift = lambda port: str(port + r if port else 0)  # noqa: E731
+            own_ports = ["--port", shift(args.port), "--metrics-port", shift(args.metrics_port)]
+            if role == "decode":
+                own_ports += ["--transfer-port", shift(args.transfer_port)]
+            children.append(RoleProcess(f"{base}-ep{r}", [*sys.argv[1:], *own_ports, "--worker-id", base, "--ep-rank",
+                                                          str(r), "--ep-master", args.ep_master, "--exit-with-parent"],
+                                        None))
+        threading.Thread(target=_watch_ranks, args=(children,), name="ep-ranks", daemon=True).start()
+    args.ep_group, args.worker_id = base, f"{base}-ep{args.ep_rank}"
+    return children
+
+
+def _watch_ranks(children) -> None:
+    import time
+
+    while all(c.exited() is None for c in children):
+        time.sleep(0.2)
+    dead = next(c for c in children if c.exited() is not None)
+    log.error("EP rank %s exited (status %s): the group is broken; stopping", dead.name, dead.exited())
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def ep_config(args: argparse.Namespace):
+    """This rank's ``EPConfig`` (None without EP)."""
+    if getattr(args, "ep_size", 1) <= 1:
+        return None
+    import json
+
+    from dsv32_engine.parallel import EPConfig
+
+    placement = None
+    if args.ep_placement:
+        try:
+            placement = json.loads(open(args.ep_placement).read())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--ep-placement {args.ep_placement}: {e}")
+    return EPConfig(args.ep_size, args.ep_rank, args.ep_master, group_id=args.ep_group, timeout_s=args.ep_timeout,
+                    placement=placement)
 
 
 def make_engine(args: argparse.Namespace):
@@ -65,9 +171,15 @@ def make_engine(args: argparse.Namespace):
         raise SystemExit("--model (or DSV32_MODEL) is required")
     from dsv32_engine.engine import EngineCore
 
-    return EngineCore(args.model, numerics=args.numerics, dtype=args.dtype, num_pages=args.num_pages,
-                      max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                      device=args.device)
+    config = engine_config(args)
+    ep = ep_config(args)
+    if ep is not None and config.device in (None, "cuda"):
+        import torch
+
+        if torch.cuda.is_available():  # one rank per GPU (LOCAL_RANK when a launcher sets it)
+            local = int(os.environ.get("LOCAL_RANK", ep.rank)) % torch.cuda.device_count()
+            config = dataclasses.replace(config, device=f"cuda:{local}")
+    return EngineCore(config, ep=ep)
 
 
 def engine_params(s: worker_pb2.WorkerSampling):
@@ -106,8 +218,8 @@ def advertised_host(args) -> str:
     return args.host
 
 
-def serve_worker(role: str, args, servicer, add_to_server, report, max_threads: int, transfer_endpoint: str = ""):
-    """Shared by both roles: gRPC server, health, registration, signals, lease reaper hook."""
+def serve_worker(role: str, args, servicer, add_to_server, load, max_threads: int, transfer_endpoint: str = ""):
+    """Shared by both roles: gRPC server, health, registration (``load()`` → ``WorkerLoad`` at each beat), signals."""
     tracing = telemetry.setup_tracing(f"dsv32-{role}", args.otel_exporter)
     worker_id = args.worker_id or f"{role}-{socket.gethostname()}-{os.getpid()}"
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix=f"{role}-rpc"),
@@ -124,9 +236,11 @@ def serve_worker(role: str, args, servicer, add_to_server, report, max_threads: 
     hs.set("", health_pb2.HealthCheckResponse.SERVING)
     state = ClusterState.from_url(args.redis_url, args.redis_prefix)
     info = WorkerInfo(worker_id, role, f"{advertised_host(args)}:{port}", transfer_endpoint=transfer_endpoint,
-                      model=os.path.basename(os.path.abspath(args.model)))
+                      model=os.path.basename(os.path.abspath(args.model)),
+                      page_size=servicer.engine.layout.page_size,  # the router counts this worker's pages in it
+                      ep_group=getattr(args, "ep_group", ""), ep_rank=args.ep_rank or 0, ep_size=args.ep_size)
     stop = threading.Event()
-    hb = Heartbeat(state, info, report, args.heartbeat_interval, watch_parent=args.exit_with_parent)
+    hb = Heartbeat(state, info, load, args.heartbeat_interval, watch_parent=args.exit_with_parent)
     hb.on_orphaned = stop.set
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(f"--{role}-num-cpus", type=float, default=1.0)
         p.add_argument(f"--{role}-num-gpus", type=float, default=0.0)
         p.add_argument(f"--{role}-arg", action="append", default=[], help=f"extra `dsv32-serve {role}` flag")
+        if role != "router":
+            p.add_argument(f"--{role}-ep-size", type=int, default=1,
+                           help="expert-parallel ranks per replica (one process and one GPU each)")
     return p.parse_args(argv)
 
 
@@ -89,7 +92,7 @@ def config_from_args(a: argparse.Namespace, redis_url: str) -> AppConfig:
         roles[role] = RoleConfig(min_replicas=int(lo), max_replicas=int(hi or lo),
                                  target_load=getattr(a, f"{role}_target_load"),
                                  num_cpus=getattr(a, f"{role}_num_cpus"), num_gpus=getattr(a, f"{role}_num_gpus"),
-                                 args=getattr(a, f"{role}_arg"))
+                                 args=getattr(a, f"{role}_arg"), ep_size=getattr(a, f"{role}_ep_size", 1))
     return AppConfig(model=str(Path(a.model).resolve()), redis_url=redis_url, redis_prefix=a.redis_prefix,
                      numerics=a.numerics, host=a.host, advertise_host=a.advertise_host, router_port=a.router_port,
                      log_dir=a.log_dir, **roles)

@@ -38,6 +38,10 @@ class RoleConfig:
     num_gpus: float = 0.0
     args: list[str] = field(default_factory=list)
     """Extra flags of ``dsv32-serve ROLE``, e.g. ``["--max-num-seqs", "32"]``."""
+    ep_size: int = 1
+    """Prefill and decode: one replica = one expert-parallel group of this many rank processes
+    (``--ep-size``), each rank registered as its own target; give the replica ``num_gpus`` for all
+    of its ranks (one GPU each)."""
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
 
@@ -46,6 +50,8 @@ class RoleConfig:
             raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}")
         if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
             raise ValueError("initial_replicas must lie within [min_replicas, max_replicas]")
+        if self.ep_size < 1:
+            raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
         if self.target_load < 0 or self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("target_load, num_cpus and num_gpus must be >= 0")
         self.args = [str(a) for a in self.args]

@@ -89,35 +89,42 @@ class WorkerReplica(_Replica):
 
         cfg = AppConfig.from_dict(config)
         self.state = ClusterState.from_url(cfg.redis_url, cfg.redis_prefix)  # wait_ready reads it
-        self.worker_id = ""
+        self.worker_id, self.rank_ids = "", []
         super().__init__(config)
 
     def role_flags(self) -> list[str]:
         self.worker_id = f"{self.role}-{self.replica_id}"
+        ep = getattr(self.cfg, self.role).ep_size
+        # one replica = one EP group: its ranks register as <id>-ep<R> (see dsv32_cluster.runtime)
+        self.rank_ids = [f"{self.worker_id}-ep{r}" for r in range(ep)] if ep > 1 else [self.worker_id]
         flags = ["--advertise-host", self.advertise, "--port", "0", "--worker-id", self.worker_id, "--exit-with-parent"]
+        flags += ["--ep-size", str(ep)] if ep > 1 else []
         return flags + (["--transfer-port", "0"] if self.role == "decode" else [])
 
-    def info(self):
-        return next((w for w in self.state.workers(self.role) if w.worker_id == self.worker_id), None)
+    def infos(self) -> list:
+        """The registrations of this replica's worker (every rank of its EP group), or [] while any is missing."""
+        mine = {w.worker_id: w for w in self.state.workers(self.role) if w.worker_id in self.rank_ids}
+        return [mine[i] for i in self.rank_ids] if len(mine) == len(self.rank_ids) else []
 
     def ready(self) -> bool:
-        return self.info() is not None
+        return bool(self.infos())
 
     def check_health(self) -> None:
         super().check_health()
-        if self.info() is None:
-            raise RuntimeError(f"{self.worker_id} is running but not registered in Redis (heartbeats lapsed)")
+        if not self.infos():
+            raise RuntimeError(f"{self.worker_id} is running but not (every rank) registered in Redis "
+                               "(heartbeats lapsed)")
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        w = self.info()
-        if w is None:
+        ws = self.infos()
+        if not ws:
             return {}
-        load = w.queued_tokens if self.role == "prefill" else w.running + w.queued_requests
+        load = sum(w.queued_tokens if self.role == "prefill" else w.running + w.queued_requests for w in ws)
         return {LOAD_METRIC: float(load)}
 
     def endpoint(self) -> str:
-        w = self.info()
-        return w.endpoint if w else ""
+        ws = self.infos()
+        return ws[0].endpoint if ws else ""
 
     def __del__(self) -> None:
         try:
