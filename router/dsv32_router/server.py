@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from dsv32_proto import serving_pb2, serving_pb2_grpc
 from dsv32_cluster import telemetry
+from dsv32_cluster.envflags import add_env_argument
 from dsv32_cluster.directory import WorkerDirectory
 from dsv32_cluster.parent import die_with_parent
 from dsv32_cluster.state import DEFAULT_PREFIX, AsyncClusterState
@@ -36,30 +38,25 @@ log = logging.getLogger("dsv32_router")
 SERVICE = serving_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
-def env(name: str, default=None):
-    return os.environ.get(f"DSV32_{name.upper()}", default)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=env("model"), help="checkpoint directory (tokenizer, config) [DSV32_MODEL]")
-    p.add_argument("--served-model-name", default=env("served_model_name"),
-                   help="model id clients send (default: the checkpoint directory's name)")
-    p.add_argument("--numerics", default=env("numerics", "exact"), choices=("exact", "fp8"))
-    p.add_argument("--host", default=env("host", "127.0.0.1"), help="bind address [DSV32_HOST]")
-    p.add_argument("--port", type=int, default=int(env("port", "50051")), help="0 = any free port [DSV32_PORT]")
-    p.add_argument("--redis-url", default=env("redis_url", "redis://127.0.0.1:6379/0"), help="[DSV32_REDIS_URL]")
-    p.add_argument("--redis-prefix", default=env("redis_prefix", DEFAULT_PREFIX))
-    p.add_argument("--max-inflight", type=int, default=int(env("max_inflight", "256")))
-    p.add_argument("--max-waiting", type=int, default=int(env("max_waiting", "256")))
-    p.add_argument("--admission-timeout", type=float, default=float(env("admission_timeout", "10")))
-    p.add_argument("--max-attempts", type=int, default=int(env("max_attempts", "3")))
-    p.add_argument("--default-max-tokens", type=int, default=int(env("default_max_tokens", "0")),
-                   help="max_tokens of requests that set none (0 = the rest of the context)")
-    p.add_argument("--ready-file", default=env("ready_file"),
-                   help="write HOST:PORT here once serving (used by `dsv32-serve up`)")
-    p.add_argument("--otel-exporter", default=env("otel_exporter", "none"), choices=telemetry.EXPORTERS)
-    p.add_argument("--metrics-port", type=int, default=int(env("metrics_port", "0")))
-    p.add_argument("--log-level", default=env("log_level", "INFO"))
+    arg = functools.partial(add_env_argument, p)  # every default from DSV32_<FLAG>; a bad value is one line
+    arg("--model", help="checkpoint directory (tokenizer, config)")
+    arg("--served-model-name", help="model id clients send (default: the checkpoint directory's name)")
+    arg("--numerics", default="exact", choices=("exact", "fp8"))
+    arg("--host", default="127.0.0.1", help="bind address")
+    arg("--port", type=int, default=50051, help="0 = any free port")
+    arg("--redis-url", default="redis://127.0.0.1:6379/0")
+    arg("--redis-prefix", default=DEFAULT_PREFIX)
+    arg("--max-inflight", type=int, default=256, help="requests in flight before new ones wait")
+    arg("--max-waiting", type=int, default=256, help="requests waiting for admission before RESOURCE_EXHAUSTED")
+    arg("--admission-timeout", type=float, default=10.0, help="seconds a request may wait for capacity")
+    arg("--max-attempts", type=int, default=3, help="tries of a request over worker failures")
+    arg("--default-max-tokens", type=int, default=0,
+        help="max_tokens of requests that set none (0 = the rest of the context)")
+    arg("--ready-file", help="write HOST:PORT here once serving (used by `dsv32-serve up`)")
+    arg("--otel-exporter", default="none", choices=telemetry.EXPORTERS)
+    arg("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
+    arg("--log-level", default="INFO")
 
 
 class GenerationService(serving_pb2_grpc.GenerationServicer):
