@@ -1,8 +1,9 @@
 """A worker's registration in Redis, refreshed by a daemon thread.
 
 Lives in the torch-free control-plane package so that every role registers
-the same way. The load report is whatever ``report()`` returns at each beat
-(``free_pages``, ``running``, ``queued_tokens``...); a worker also ``poke()``s
+the same way. The load report is the :class:`WorkerLoad` that ``load()``
+returns at each beat (the same object answers the workers' ``Stats`` RPC); a
+worker also ``poke()``s
 the heartbeat when its load changes, so reports are fresh to within ~50 ms
 rather than one interval (a router choosing on stale load herds a burst onto
 one worker). A Redis outage is survived: the beat keeps trying and
@@ -15,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 from .state import ClusterState, WorkerInfo
@@ -23,10 +25,37 @@ log = logging.getLogger(__name__)
 MIN_GAP_S = 0.05
 
 
+@dataclass(frozen=True)
+class WorkerLoad:
+    """A worker's load report: the load fields of its Redis hash (each heartbeat) and of its ``Stats`` RPC.
+
+    Page counts are in pages of the worker's own pool.
+    """
+
+    free_pages: int
+    """Pages a new request can still be given: a decode or colocated worker counts what its requests
+    are committed to grow into as taken (and never more than the pool has free)."""
+    total_pages: int
+    reserved_pages: int = 0
+    """Decode: pages held by reservations whose KV has not been admitted to the running batch yet."""
+    running: int = 0
+    """Requests in the running batch (prefill: 1 while a batch is in the forward)."""
+    queued_requests: int = 0
+    """Prefill: prompts waiting for a batch; decode: reservations not yet decoding."""
+    queued_tokens: int = 0
+    """Prefill: prompt tokens waiting or in the forward (what the router balances on)."""
+
+    def stats_fields(self) -> dict[str, int]:
+        """As the fields of ``worker_pb2.WorkerStats`` (where ``running`` is ``running_requests``)."""
+        d = asdict(self)
+        d["running_requests"] = d.pop("running")
+        return d
+
+
 class Heartbeat:
-    def __init__(self, state: ClusterState, info: WorkerInfo, report: Callable[[], dict], interval_s: float = 0.5,
+    def __init__(self, state: ClusterState, info: WorkerInfo, load: Callable[[], WorkerLoad], interval_s: float = 0.5,
                  watch_parent: bool = False):
-        self.state, self.info, self.report, self.interval_s = state, info, report, interval_s
+        self.state, self.info, self.load, self.interval_s = state, info, load, interval_s
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{info.worker_id}", daemon=True)
@@ -34,7 +63,7 @@ class Heartbeat:
         self.on_orphaned: Callable[[], None] | None = None
 
     def beat(self) -> None:
-        for k, v in self.report().items():
+        for k, v in asdict(self.load()).items():
             setattr(self.info, k, v)
         self.state.heartbeat(self.info)
 

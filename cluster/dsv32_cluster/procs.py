@@ -43,10 +43,14 @@ def cli_argv(*args: str) -> list[str]:
 class RoleProcess:
     """One ``dsv32-serve`` child process in its own session, its output appended to ``log``."""
 
-    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None):
-        self.name, self.log = name, Path(log)
-        self.log.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, name: str, argv: list[str], log: Path | None, env: dict[str, str] | None = None):
+        """``log=None``: the child writes to this process's own stdout/stderr."""
+        self.name, self.log = name, Path(log) if log is not None else None
         env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1", parent.ENV: str(os.getpid())}
+        if self.log is None:
+            self.proc = subprocess.Popen(cli_argv(*argv), stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            return
+        self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as f:
             self.proc = subprocess.Popen(cli_argv(*argv), stdout=f, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env, start_new_session=True)
@@ -59,6 +63,8 @@ class RoleProcess:
         return self.proc.poll()
 
     def tail(self, n: int = 3000) -> str:
+        if self.log is None:
+            return ""
         try:
             return self.log.read_text(errors="replace")[-n:]
         except OSError:

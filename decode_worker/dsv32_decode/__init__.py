@@ -10,14 +10,21 @@ A request's life here, as a sequence of queues:
    endpoint, the transfer id and the page ids. The reservation has a lease:
    if no ``Decode`` stream claims it in time (router died, prefill failed),
    the pages go back to the pool.
-2. **Transfer** (``Decode`` stream opens). The stream claims the reservation
-   and waits, bounded, for the receiver to report the transfer done.
-3. **Verification**. The receiver's checksum over every latent and indexer
-   page that arrived (and the byte count) must equal what the prefill worker
-   reports having sent. A mismatch frees the pages and answers ``DATA_LOSS``;
-   the router retries on another pair. A DSA model run on a missing indexer
-   cache would produce garbage silently; this is where it is caught.
-4. **RunningBatch**. The verified request is admitted with
+2. **DecodeTransferQueue** (``Decode`` stream opens;
+   :mod:`dsv32_decode.transfer_queue`). The stream claims the reservation and
+   hands the request to this queue; one thread polls the KV receiver
+   (``KVReceiver.poll``) for every request in it, each bounded by
+   ``--transfer-timeout``. The stream's own thread touches neither the
+   receiver nor the engine: it forwards what its request's output queue
+   receives (the transfer's outcome, then tokens).
+3. **Verification** (in the transfer queue, as the transfer ends). The
+   receiver's checksum over every latent and indexer page that arrived (and
+   the byte count) must equal what the prefill worker reports having sent. A
+   mismatch frees the pages and answers ``DATA_LOSS``; the router retries on
+   another pair. A DSA model run on a missing indexer cache would produce
+   garbage silently; this is where it is caught. A failed or late transfer
+   frees the pages and answers ``UNAVAILABLE``.
+4. **RunningBatch**. The transfer queue admits the verified request with
    ``EngineCore.add_prefilled`` (the pages become the engine's) and the loop
    thread steps the continuous batch; the first message on the stream echoes
    the prefill worker's first token, later messages carry each step's tokens.

@@ -32,11 +32,11 @@ import grpc
 from .queues import Admission
 from .worker import DecodeService, serve
 from dsv32_cluster.parent import die_with_parent
-from dsv32_cluster.runtime import add_engine_arguments, engine_params, make_engine
+from dsv32_cluster.runtime import add_worker_arguments, engine_params, make_engine, start_ep_group
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_engine_arguments(p)
+    add_worker_arguments(p)
 
 
 class ColocatedService(DecodeService):
@@ -46,19 +46,26 @@ class ColocatedService(DecodeService):
     def __init__(self, worker_id: str, engine):
         super().__init__(worker_id, engine, receiver=None, transfer_timeout_s=0.0)
 
-    def _admission(self, request, res, context):
-        """The prompt itself goes to the running batch; no first message to echo."""
+    def _admission(self, request, res, context) -> Admission:
+        """The prompt itself goes straight to the running batch; no KV to wait for, no first message to echo."""
         if request.HasField("first"):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"first: colocated worker {self.worker_id} runs the "
                           "prompt and samples the first token itself")
         adm = Admission(request.request_id, list(request.prompt_ids), engine_params(request.sampling),
                         page_ids=None, first=None)
-        return adm, None
+        self.batch.admit(adm)
+        return adm
 
 
 def run(args: argparse.Namespace) -> int:
     die_with_parent()  # started by `up`: go when it goes
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    engine = make_engine(args)
+    ranks = start_ep_group("colocated", args)  # --ep-size N: this process is rank 0 and starts the others
+    try:
+        engine = make_engine(args)
+    except BaseException:
+        for r in ranks:
+            r.stop(2.0)
+        raise
     args.worker_id = args.worker_id or f"colocated-{socket.gethostname()}-{os.getpid()}"
     return serve(args, ColocatedService(args.worker_id, engine))

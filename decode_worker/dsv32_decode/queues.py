@@ -22,6 +22,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+# An idle EP group re-checks for work this often (each check is one small all_reduce).
+EP_IDLE_WAIT_S = 0.02
+
 log = logging.getLogger(__name__)
 
 
@@ -207,10 +210,16 @@ class RunningBatch:
         try:
             while not self._stop.is_set():
                 self._drain_inbox()
+                ep = self.engine.ep is not None
                 if not self._live:
-                    self._wake.wait(self.idle_wait_s)
-                    self._wake.clear()
-                    continue
+                    # Without EP: sleep until work comes. In an EP group the ranks step in lockstep: a rank
+                    # without requests still joins every step (its peers' MoE layers need it) and only
+                    # waits when the last step found the whole group idle.
+                    if not ep or self.engine.group_idle:
+                        self._wake.wait(EP_IDLE_WAIT_S if ep else self.idle_wait_s)
+                        self._wake.clear()
+                    if not ep:
+                        continue
                 with self.lock:
                     outs = self.engine.step()
                 self.steps += 1

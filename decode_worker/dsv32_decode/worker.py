@@ -6,6 +6,7 @@ Every flag has an environment variable ``DSV32_<FLAG>`` for deployments.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import queue
@@ -17,18 +18,21 @@ import uuid
 import grpc
 
 from .queues import Admission, PreallocQueue, RunningBatch
+from .transfer_queue import DecodeTransferQueue, Incoming, KVFailed, KVRejected, Verified
 from dsv32_proto import worker_pb2, worker_pb2_grpc
+from dsv32_cluster.envflags import add_env_argument
+from dsv32_cluster.heartbeat import WorkerLoad
 from dsv32_cluster.parent import die_with_parent
-from dsv32_cluster.runtime import (add_engine_arguments, advertised_host, engine_params, env, make_engine,
-                                   serve_worker, step_output, token_pb)
+from dsv32_cluster.runtime import (add_worker_arguments, advertised_host, engine_params, make_engine, serve_worker,
+                                   start_ep_group, step_output, token_pb)
 
 log = logging.getLogger("dsv32_decode")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_engine_arguments(p)
-    p.add_argument("--transfer-port", type=int, default=int(env("transfer_port", "0")),
-                   help="port of the KV receiver's TCPStore (0 = any free port)")
+    add_worker_arguments(p)
+    add_env_argument(p, "--transfer-port", type=int, default=0,
+                     help="port of the KV receiver's TCPStore (0 = any free port)")
 
 
 class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
@@ -43,7 +47,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.lock = threading.Lock()
         self.prealloc = PreallocQueue(engine, self.lock, self._release_transfer)
         self.batch = RunningBatch(engine, self.lock, on_leave=lambda rid: self.prealloc.drop(rid, free_pages=False))
-        self.counters = {"bytes_received": 0, "checksum_failures": 0}
+        self.transfers = (DecodeTransferQueue(receiver, self.batch, lambda rid: self.prealloc.drop(rid, free_pages=True))
+                          if receiver is not None else None)
         self.accepting = True
         # what prefill workers dial (serve() may advertise another host)
         self.transfer_endpoint = receiver.endpoint if receiver is not None else ""
@@ -98,67 +103,35 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         if res is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no reservation {request.transfer_id} for {rid} "
                           "(lease expired or cancelled)")
-        admitted = False
         try:
-            adm, first = self._admission(request, res, context)
-            self.batch.admit(adm)
-            admitted = True
-            context.add_callback(lambda: self.batch.abort(rid))  # no-op once it has left the batch
-            if first is not None:
-                yield first
-            yield from self._stream(adm, context)
+            adm = self._admission(request, res, context)
+        except BaseException:
+            self.prealloc.drop(rid, free_pages=True)
+            raise
+        context.add_callback(lambda: self.batch.abort(rid))  # no-op once it has left the batch
+        try:
+            yield from self._stream(adm, context, request.first if self.receives_kv else None)
         finally:
-            if not admitted:
-                self.prealloc.drop(rid, free_pages=True)
+            if self.transfers is not None and self.transfers.discard(rid):
+                self.prealloc.drop(rid, free_pages=True)  # the stream ended before its KV arrived
+            else:
+                self.batch.abort(rid)  # in case the transfer queue admitted it after the callback ran
 
-    def _admission(self, request, res, context) -> tuple[Admission, worker_pb2.DecodeResponse | None]:
-        """The request for the running batch once its KV is here and verified, and the
-        stream's first message (echoing the prefill worker's first token)."""
+    def _admission(self, request, res, context) -> Admission:
+        """The request, handed to the transfer queue: it joins the running batch once its KV is here and
+        verified, and the stream's first message echoes the prefill worker's first token."""
         if not request.HasField("first"):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"first: missing; decode worker {self.worker_id} "
                           "continues from the prefill worker's first token")
-        received = self._await_transfer(res, request, context)
         adm = Admission(request.request_id, list(request.prompt_ids), engine_params(request.sampling), res.page_ids,
                         step_output(request.request_id, request.first))
-        return adm, worker_pb2.DecodeResponse(tokens=[request.first], received_bytes=received.num_bytes,
-                                              checksum=received.checksum)
+        self.transfers.add(Incoming(adm, res.transfer_id, request.checksum, request.sent_bytes,
+                                    deadline=time.monotonic() + self.transfer_timeout_s))
+        return adm
 
-    def _await_transfer(self, res, request, context):
-        """Wait (bounded, cancellable) for the KV, then check it is what the prefill worker sent."""
-        from dsv32_engine.transfer import KVPoll, TransferError
-
-        deadline = time.monotonic() + self.transfer_timeout_s
-        while True:
-            left = context.time_remaining()
-            step = max(0.0, min(0.25, deadline - time.monotonic(), left if left is not None else 0.25))
-            try:
-                received = self.receiver.wait(res.transfer_id, step)
-                break
-            except TransferError as e:
-                if self.receiver.poll(res.transfer_id) == KVPoll.FAILED:
-                    self._release_transfer(res.transfer_id)
-                    if "checksum" in str(e) or "geometry" in str(e):
-                        self._reject(request, str(e), context)
-                    context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer {res.transfer_id} failed: {e}")
-                if not context.is_active():
-                    context.abort(grpc.StatusCode.CANCELLED, "stream cancelled while waiting for the KV")
-                if time.monotonic() >= deadline:
-                    context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer {res.transfer_id}: {e}")
-        self._release_transfer(res.transfer_id)
-        self.counters["bytes_received"] += received.num_bytes
-        # The receiver already compared checksums with the sender over the pair group;
-        # this second look ties the verified data to the request the router sent.
-        if received.checksum != request.checksum or received.num_bytes != request.sent_bytes:
-            self._reject(request, f"sent {request.checksum} ({request.sent_bytes} B), received {received.checksum} "
-                         f"({received.num_bytes} B)", context)
-        return received
-
-    def _reject(self, request, why: str, context) -> None:
-        self.counters["checksum_failures"] += 1
-        log.error("request %s: KV verification failed: %s", request.request_id, why)
-        context.abort(grpc.StatusCode.DATA_LOSS, f"KV verification failed on decode worker {self.worker_id}: {why}")
-
-    def _stream(self, adm: Admission, context):
+    def _stream(self, adm: Admission, context, first: worker_pb2.Token | None):
+        """Forward the request's output queue: the transfer's outcome (the first message echoes ``first``),
+        then lists of tokens, then ``None``."""
         while True:
             try:
                 item = adm.out.get(timeout=0.25)
@@ -174,9 +147,17 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                     break
             tokens, end = [], False
             for it in items:
-                if isinstance(it, BaseException):
+                if isinstance(it, Verified):
+                    yield worker_pb2.DecodeResponse(tokens=[first], received_bytes=it.received.num_bytes,
+                                                    checksum=it.received.checksum)
+                elif isinstance(it, KVRejected):
+                    context.abort(grpc.StatusCode.DATA_LOSS,
+                                  f"KV verification failed on decode worker {self.worker_id}: {it}")
+                elif isinstance(it, KVFailed):
+                    context.abort(grpc.StatusCode.UNAVAILABLE, str(it))
+                elif isinstance(it, BaseException):
                     context.abort(grpc.StatusCode.INTERNAL, f"decode worker {self.worker_id}: {it}")
-                if it is None:
+                elif it is None:
                     end = True
                 else:
                     tokens += [token_pb(o) for o in it]
@@ -196,17 +177,27 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         return worker_pb2.CancelResponse(found=found)
 
     def free_pages(self) -> int:
-        return self.engine.allocator.num_total - self.prealloc.committed_pages
+        """Pages not committed to a request (never more than the pool has free)."""
+        alloc = self.engine.allocator
+        return min(alloc.num_free, alloc.num_total - self.prealloc.committed_pages)
+
+    def load(self) -> WorkerLoad:
+        return WorkerLoad(free_pages=self.free_pages(), total_pages=self.engine.allocator.num_total,
+                          reserved_pages=self.prealloc.reserved_pages(), running=self.batch.running,
+                          queued_requests=len(self.prealloc))
+
+    def report(self) -> dict:
+        """``load()`` as a dict."""
+        return dataclasses.asdict(self.load())
 
     def stats(self) -> worker_pb2.WorkerStats:
         st = self.engine.stats
+        c = self.transfers.counters if self.transfers is not None else {}
         return worker_pb2.WorkerStats(
-            worker_id=self.worker_id, role=self.role, free_pages=self.engine.allocator.num_free,
-            total_pages=self.engine.allocator.num_total, running_requests=self.batch.running,
-            queued_requests=len(self.prealloc), prefill_forward_tokens=st.get("prefill_tokens", 0),
-            decode_steps=self.batch.steps, bytes_received=self.counters["bytes_received"],
-            checksum_failures=self.counters["checksum_failures"], requests_finished=self.batch.finished,
-            requests_aborted=self.batch.aborted, reserved_pages=self.prealloc.reserved_pages())
+            worker_id=self.worker_id, role=self.role, **self.load().stats_fields(),
+            prefill_forward_tokens=st.get("prefill_tokens", 0), decode_steps=self.batch.steps,
+            bytes_received=c.get("bytes_received", 0), checksum_failures=c.get("checksum_failures", 0),
+            requests_finished=self.batch.finished, requests_aborted=self.batch.aborted)
 
     def Stats(self, request, context):
         return self.stats()
@@ -214,18 +205,19 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     def InjectFault(self, request, context):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "faults are injected on the prefill worker (the sending side)")
 
-    def report(self) -> dict:
-        return {"free_pages": self.free_pages(), "total_pages": self.engine.allocator.num_total,
-                "reserved_pages": self.prealloc.reserved_pages(), "running": self.batch.running,
-                "queued_requests": len(self.prealloc)}
-
 
 def run(args: argparse.Namespace) -> int:
     die_with_parent()  # started by `up`: go when it goes
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from dsv32_engine.transfer import KVReceiver
 
-    engine = make_engine(args)
+    ranks = start_ep_group("decode", args)  # --ep-size N: this process is rank 0 and starts the others
+    try:
+        engine = make_engine(args)
+    except BaseException:
+        for r in ranks:
+            r.stop(2.0)
+        raise
     worker_id = args.worker_id or f"decode-{socket.gethostname()}-{os.getpid()}"
     args.worker_id = worker_id
     receiver = KVReceiver(engine.cache, args.host, args.transfer_port, worker_id, args.transfer_timeout)
@@ -238,7 +230,7 @@ def serve(args: argparse.Namespace, svc: DecodeService) -> int:
     """Run a decode (or colocated) service until SIGTERM, the parent's death or a dead loop."""
     svc.batch.start()
     server, hs, hb, stop, _ = serve_worker(svc.role, args, svc, worker_pb2_grpc.add_DecodeWorkerServicer_to_server,
-                                           svc.report, max_threads=2 * args.max_num_seqs + 16,
+                                           svc.load, max_threads=2 * args.max_num_seqs + 16,
                                            transfer_endpoint=svc.transfer_endpoint)
     svc.prealloc.on_change = hb.poke
     while not stop.wait(0.5):
@@ -251,6 +243,8 @@ def serve(args: argparse.Namespace, svc: DecodeService) -> int:
     hb.stop(deregister=True)
     hs.enter_graceful_shutdown()
     server.stop(grace=2.0).wait()
+    if svc.transfers is not None:
+        svc.transfers.stop()
     svc.batch.stop()
     if svc.receiver is not None:
         try:

@@ -10,7 +10,6 @@ calls ``add_prefilled`` (cache already received into its pages) then
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +17,16 @@ from typing import Callable
 
 import torch
 
-from .attention_kernels import resolve_backend, set_attention_backend
 from .cache import KVCache, PageAllocator
 from .config import ModelConfig
+from .engine_config import EngineConfig
 from dsv32_kernels.layout import CacheLayout
-from .model import DeepseekV32ForCausalLM, ForwardBatch, SeqSpan
+from .parallel import EPConfig, EPGroup
+from .model import DeepseekV32ForCausalLM, ForwardBatch, SeqSpan, resolve_backend
 from .sampler import sample, top_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import Request, ScheduledChunk, Scheduler
-from .weights import load_weights
+from .weights import load_weights, resident_weight_bytes
 
 DEFAULT_CACHE_BYTES = 256 << 20
 
@@ -62,9 +62,13 @@ def _dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
 
 
 class EngineCore:
-    def __init__(self, model_dir: str | Path, *, numerics: str = "exact", dtype=None, num_pages: int | None = None,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 device: str | None = None, seed: int | None = None, attention_backend: str | None = None):
+    def __init__(self, config: EngineConfig | str | Path, *, ep: EPConfig | None = None, **options):
+        """``EngineCore(EngineConfig(...))``, or ``EngineCore(model_dir, **options)`` with the
+        ``EngineConfig`` fields as options (``num_pages=32``...)."""
+        self.engine_config = ec = EngineConfig.of(config, **options)
+        model_dir, numerics, dtype, device, seed = ec.model, ec.numerics, ec.dtype, ec.device, ec.seed
+        num_pages, max_num_seqs, max_num_batched_tokens = ec.num_pages, ec.max_num_seqs, ec.max_num_batched_tokens
+        max_model_len, attention_backend = ec.max_model_len, ec.attention_backend
         self.model_dir = str(model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = _dtype(dtype, self.device)
@@ -72,19 +76,24 @@ class EngineCore:
         self.numerics = numerics
         self.layout = CacheLayout(cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_head_dim or 128,
                                   mode=numerics, dtype=self.dtype)
-        with torch.device("meta"):
-            self.model = DeepseekV32ForCausalLM(cfg, self.layout)
-        load_weights(self.model, cfg, model_dir, self.dtype, self.device)
-        self.model.eval()
-        # "torch" (MLA._prefill/_decode) or "kernels" (attention_kernels.py: dsv32_kernels ops, Triton on CUDA)
+        # "torch" (attention.py) or "kernels" (attention_kernels.py: dsv32_kernels ops, Triton on CUDA)
         self.attention_backend = resolve_backend(attention_backend, self.device)
-        set_attention_backend(self.model, self.attention_backend)
+        # Expert parallelism: the placement is checked before anything is loaded or joined.
+        placement = ep.make_placement(cfg.n_routed_experts or 0) if ep is not None else None
+        self.ep = EPGroup(ep, self.device) if ep is not None else None
+        with torch.device("meta"):
+            self.model = DeepseekV32ForCausalLM(cfg, self.layout, self.attention_backend, self.ep, placement)
+        load_weights(self.model, cfg, model_dir, self.dtype, self.device,
+                     placement.local_experts(ep.rank) if placement is not None else None)
+        self.model.eval()
+        self.weight_bytes = resident_weight_bytes(self.model)
+        self.group_idle = True  # after a step: no rank of the group (this engine alone without EP) had work
         from dsv32_text.tokenizer import load_tokenizer
         self.tokenizer = load_tokenizer(self.model_dir)
         self.sampleable_vocab = min(cfg.vocab_size, self.tokenizer.vocab_size)
         self.max_model_len = min(cfg.max_position_embeddings, max_model_len or cfg.max_position_embeddings)
-        gen = Path(model_dir) / "generation_config.json"
-        self.generation_defaults = json.loads(gen.read_text()) if gen.is_file() else {}
+        from dsv32_text.generation_config import GenerationConfig
+        self.generation_defaults = GenerationConfig.from_dir(model_dir).sampling_defaults()
         if num_pages is None:
             num_pages = KVCache.pages_that_fit(self.layout, cfg.num_hidden_layers, DEFAULT_CACHE_BYTES)
         self.cache = KVCache(self.layout, cfg.num_hidden_layers, num_pages, self.device, with_index=cfg.has_indexer)
@@ -93,7 +102,7 @@ class EngineCore:
         self.max_num_batched_tokens = max_num_batched_tokens
         self._requests: dict[str, Request] = {}
         self._rng = random.Random(seed)
-        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "forward_calls": 0}
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "forward_calls": 0, "idle_forwards": 0}
 
     # -- requests ------------------------------------------------------------------
     def _make_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
@@ -141,8 +150,13 @@ class EngineCore:
     # -- stepping ------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        """One continuous-batching step. In an EP group every rank must call it in lockstep (each
+        step is one forward, possibly an idle one); ``group_idle`` tells the caller to wait for work."""
         chunks = self.scheduler.schedule()
+        if not self._agree(bool(chunks)):
+            return []
         if not chunks:
+            self._idle_forward()  # a peer has work: join its MoE collectives with no tokens
             return []
         logits = self._forward(chunks)
         outs = self._sample([c.request for c in chunks if c.samples], logits)
@@ -171,6 +185,7 @@ class EngineCore:
         # the compute of layers > l even for long prompts. Attention is computed in query blocks of
         # ``max_num_batched_tokens`` so memory stays bounded (chunked prefill without losing the overlap).
         chunks = [ScheduledChunk(s, 0, s.num_tokens) for s in states]
+        self._agree(True)
         logits = self._forward(chunks, on_layer_done, query_block=self.max_num_batched_tokens)
         results: dict[str, StepOutput] = {}
         for req, out in self._sample([c.request for c in chunks], logits):
@@ -181,7 +196,28 @@ class EngineCore:
             c.request.num_computed = c.num
         return [results[r.request_id] for r in reqs]
 
+    @torch.inference_mode()
+    def idle_step(self) -> bool:
+        """For a rank with nothing to run (a prefill rank between batches): join the group's step if a
+        peer has work. Returns whether any rank had work; without EP, False at once."""
+        if self.ep is None:
+            self.group_idle = True
+            return False
+        busy = self._agree(False)
+        if busy:
+            self._idle_forward()
+        return busy
+
     # -- internals -----------------------------------------------------------------------
+    def _idle_forward(self) -> None:
+        self.stats["idle_forwards"] += 1
+        self.model.idle_forward()
+
+    def _agree(self, mine: bool) -> bool:
+        busy = self.ep.any_work(mine) if self.ep is not None else mine
+        self.group_idle = not busy
+        return busy
+
     def _forward(self, chunks: list[ScheduledChunk], on_layer_done=None, query_block: int | None = None) -> torch.Tensor:
         ids, pos, seqs, logit_rows = [], [], [], []
         for c in chunks:

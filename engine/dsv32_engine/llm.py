@@ -10,17 +10,16 @@ from typing import Iterator, Sequence
 
 from dsv32_text.detokenizer import IncrementalDetokenizer, find_stop
 from .engine import EngineCore, StepOutput
+from .engine_config import EngineConfig
 from .outputs import CompletionOutput, RequestOutput
 from .sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str, *, numerics: str = "exact", dtype=None, num_pages: int | None = None,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 device: str | None = None, seed: int | None = None, attention_backend: str | None = None):
-        self.engine = EngineCore(model, numerics=numerics, dtype=dtype, num_pages=num_pages, max_num_seqs=max_num_seqs,
-                                 max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                                 device=device, seed=seed, attention_backend=attention_backend)
+    def __init__(self, model: str | EngineConfig, **options):
+        """``LLM(model=DIR, num_pages=..., numerics=...)``: the options are the ``EngineConfig``
+        fields (documented there); or ``LLM(EngineConfig(...))``."""
+        self.engine = EngineCore(EngineConfig.of(model, **options))
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
 

@@ -17,10 +17,15 @@ A request's life here, as a sequence of queues:
    layer's cache writes it calls back, and every request's pages of that layer
    are handed to the sender, so the transfer of layer *l* overlaps the compute
    of layer *l+1*. The engine samples each request's first token.
-4. **Finish**. ``KVSender.finish`` waits (bounded) for the last sends and
-   returns the byte count and checksum over everything sent; the local pages
-   go back to the pool; the RPC answers with the first token, the checksum
-   and the counters (queue time, compute time, wait after the last layer).
-   A failed transfer fails only its own request (``UNAVAILABLE``): the router
-   retries it on another pair.
+4. **PrefillInflightQueue** (:mod:`dsv32_prefill.inflight`). The batch loop
+   hands each request, with its pages and its sender handle, to this queue and
+   starts the next batch at once: the transfer's tail (the sends still queued
+   after the last layer) overlaps the next forward. The queue's thread polls
+   the sender (``KVSender.poll``); a transfer that ends gives its pages back to
+   the pool and answers the RPC: the first token, the checksum over everything
+   sent and the counters (queue time, compute time, wait after the last
+   layer). Every transfer ends within ``--transfer-timeout`` of joining the
+   queue. A failed transfer fails only its own request (``UNAVAILABLE``): the
+   router retries it on another pair. A prompt that needs pages still held
+   here waits in the WaitingQueue until they come back.
 """

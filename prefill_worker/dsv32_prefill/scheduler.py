@@ -1,14 +1,25 @@
-"""The prefill worker's waiting queue and batch loop (life cycle: :mod:`dsv32_prefill`)."""
+"""The prefill worker's waiting queue and batch loop (life cycle: :mod:`dsv32_prefill`).
+
+The loop hands each finished batch's transfers to the :class:`PrefillInflightQueue`
+and starts the next batch at once.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from .inflight import PrefillInflightQueue
+
 log = logging.getLogger(__name__)
+
+# An idle EP group re-checks for work this often (each check is one small all_reduce).
+EP_IDLE_WAIT_S = 0.02
 
 
 class QueueFull(Exception):
@@ -40,7 +51,7 @@ class PrefillJob:
 
 
 class PrefillScheduler:
-    """``WaitingQueue`` + the batch loop that owns the engine."""
+    """``WaitingQueue`` + the batch loop that owns the engine; transfers end in the ``inflight`` queue."""
 
     def __init__(self, engine, sender, *, budget_tokens: int, max_queued_tokens: int, transfer_timeout_s: float):
         self.engine, self.sender = engine, sender
@@ -53,10 +64,15 @@ class PrefillScheduler:
         self.queued_tokens = 0
         self.running_tokens = 0
         self.counters = {"bytes_sent": 0, "batches": 0, "requests": 0, "failed": 0}
+        self._counters_lock = threading.Lock()
+        self._pages_lock = threading.Lock()  # the loop allocates while the inflight queue frees
+        self.inflight = PrefillInflightQueue(sender, transfer_timeout_s, self._free_pages, self._count)
         self.on_change = lambda: None  # load changed (the heartbeat reports it at once)
         self._thread = threading.Thread(target=self._run, name="prefill-loop", daemon=True)
 
     def start(self) -> PrefillScheduler:
+        self.inflight.on_change = lambda: self.on_change()
+        self.inflight.start()
         self._thread.start()
         return self
 
@@ -65,6 +81,7 @@ class PrefillScheduler:
             self._stop = True
             self._cv.notify_all()
         self._thread.join(timeout=30)
+        self.inflight.stop(drain_s=min(5.0, self.transfer_timeout_s))
         for job in self._waiting:
             job.fail("prefill worker shutting down")
 
@@ -92,11 +109,28 @@ class PrefillScheduler:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
-    def _next_batch(self) -> list[PrefillJob]:
-        """Arrival order, within the token budget and the free pages (always at least one job)."""
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._counters_lock:
+            self.counters[name] += n
+
+    def _free_pages(self, page_ids: list[int]) -> None:
+        with self._pages_lock:
+            self.engine.allocator.free(page_ids)
+        with self._cv:  # a prompt may be waiting for these pages
+            self._cv.notify_all()
+
+    def _next_batch(self, wait_s: float | None = None) -> list[PrefillJob]:
+        """Arrival order, within the token budget and the free pages (always at least one job; with
+        ``wait_s``, empty when nothing fits within that many seconds)."""
         with self._cv:
-            while not self._waiting and not self._stop:
-                self._cv.wait()
+            while not self._stop and not self._head_fits():
+                if wait_s is not None:
+                    if wait_s > 0:
+                        self._cv.wait(wait_s)
+                    if not self._head_fits():
+                        return []
+                    break
+                self._cv.wait(0.5)  # woken by a submit or by pages coming back; the timeout is a safety net
             if self._stop:
                 return []
             batch, tokens, pages = [], 0, 0
@@ -113,13 +147,41 @@ class PrefillScheduler:
             self.running_tokens = tokens
             return batch
 
+    def _head_fits(self) -> bool:
+        """A prompt waits and its pages are free, or no transfer in flight holds pages that could free up
+        for it (then waiting cannot help: a prompt larger than the pool fails at allocation)."""
+        if not self._waiting:
+            return False
+        need = self.engine.layout.pages_for(len(self._waiting[0].prompt_ids))
+        return need <= self.engine.allocator.num_free or not len(self.inflight)
+
     def _run(self) -> None:
+        from dsv32_engine.parallel import EPGroupFailed
+
+        ep = self.engine.ep is not None
         while True:
-            batch = self._next_batch()
-            if not batch:
+            # In an EP group the ranks step in lockstep: a rank without a batch joins its peers' steps
+            # (idle_step) and only waits for work when the whole group was idle.
+            batch = self._next_batch((EP_IDLE_WAIT_S if self.engine.group_idle else 0.0) if ep else None)
+            if self._stop:
+                return
+            try:
+                if not batch:
+                    self.engine.idle_step()
+                    continue
+            except EPGroupFailed as e:
+                log.error("EP group failed (%s); stopping this worker", e)
+                os.kill(os.getpid(), signal.SIGTERM)
                 return
             try:
                 self._prefill(batch)
+            except EPGroupFailed as e:  # a peer rank is gone: this rank cannot compute anything any more
+                log.error("EP group failed (%s); stopping this worker", e)
+                for job in batch:
+                    if not job.done.is_set():
+                        job.fail(f"prefill failed: {e}")
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
             except Exception as e:  # never leave an RPC hanging
                 log.exception("prefill batch failed")
                 for job in batch:
@@ -139,12 +201,13 @@ class PrefillScheduler:
             if not alloc.can_allocate(need):
                 job.fail(f"prompt needs {need} pages; this prefill worker's pool has {alloc.num_total}")
                 continue
-            pages[job.request_id] = alloc.allocate(need)
+            with self._pages_lock:
+                pages[job.request_id] = alloc.allocate(need)
             try:
                 handles[job.request_id] = self.sender.begin(job.transfer_id, job.endpoint, job.decode_id,
                                                             pages[job.request_id])
             except Exception as e:
-                alloc.free(pages.pop(job.request_id))
+                self._free_pages(pages.pop(job.request_id))
                 job.fail(f"KV transfer to {job.decode_id} could not start: {e}")
                 continue
             live.append(job)
@@ -168,22 +231,17 @@ class PrefillScheduler:
             t0 = time.monotonic()
             firsts = eng.prefill(inputs, on_layer_done=on_layer_done)
             compute = time.monotonic() - t0
-            self.counters["batches"] += 1
+            self._count("batches")
             for job, first in zip(live, firsts):
                 job.first, job.compute_s = first, compute
                 if job.request_id in failed:
                     job.fail(failed[job.request_id])
                     continue
-                try:
-                    job.transfer = self.sender.finish(handles[job.request_id], self.transfer_timeout_s)
-                    self.counters["bytes_sent"] += job.transfer.num_bytes
-                    self.counters["requests"] += 1
-                    job.done.set()
-                except Exception as e:
-                    job.fail(f"KV transfer to {job.decode_id} failed: {e}")
+                # the pages stay with the transfer until it ends; the loop goes on to the next batch
+                self.inflight.add(job, handles[job.request_id], pages.pop(job.request_id))
         finally:
             for job in batch:
                 if job.request_id in pages:
-                    alloc.free(pages[job.request_id])
+                    self._free_pages(pages[job.request_id])
                 if job.error:
-                    self.counters["failed"] += 1
+                    self._count("failed")

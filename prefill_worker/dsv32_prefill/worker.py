@@ -12,7 +12,10 @@ import socket
 
 import grpc
 
-from dsv32_cluster.runtime import add_engine_arguments, engine_params, env, make_engine, serve_worker, token_pb
+from dsv32_cluster.envflags import add_env_argument
+from dsv32_cluster.heartbeat import WorkerLoad
+from dsv32_cluster.runtime import (add_worker_arguments, engine_params, make_engine, serve_worker, start_ep_group,
+                                   token_pb)
 from .scheduler import PrefillJob, PrefillScheduler, QueueFull
 from dsv32_proto import worker_pb2, worker_pb2_grpc
 from dsv32_cluster.parent import die_with_parent
@@ -21,9 +24,9 @@ log = logging.getLogger("dsv32_prefill")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_engine_arguments(p)
-    p.add_argument("--max-queued-tokens", type=int, default=int(env("max_queued_tokens", "65536")),
-                   help="prompt tokens allowed to wait; beyond, Prefill answers RESOURCE_EXHAUSTED")
+    add_worker_arguments(p)
+    add_env_argument(p, "--max-queued-tokens", type=int, default=65536,
+                     help="prompt tokens allowed to wait; beyond, Prefill answers RESOURCE_EXHAUSTED")
 
 
 class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
@@ -64,12 +67,16 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             self.scheduler.cancel(job)
         return worker_pb2.CancelResponse(found=job is not None)
 
+    def load(self) -> WorkerLoad:
+        """Pages held by transfers in flight are not free; the router balances on the tokens still to compute."""
+        s, alloc = self.scheduler, self.engine.allocator
+        return WorkerLoad(free_pages=alloc.num_free, total_pages=alloc.num_total, running=1 if s.running_tokens else 0,
+                          queued_requests=s.num_waiting, queued_tokens=s.queued_tokens + s.running_tokens)
+
     def stats(self) -> worker_pb2.WorkerStats:
-        alloc, c = self.engine.allocator, self.scheduler.counters
+        c = self.scheduler.counters
         return worker_pb2.WorkerStats(
-            worker_id=self.worker_id, role="prefill", free_pages=alloc.num_free, total_pages=alloc.num_total,
-            queued_requests=self.scheduler.num_waiting,
-            queued_tokens=self.scheduler.queued_tokens + self.scheduler.running_tokens,
+            worker_id=self.worker_id, role="prefill", **self.load().stats_fields(),
             prefill_forward_tokens=self.engine.stats.get("prefill_tokens", 0), bytes_sent=c["bytes_sent"],
             requests_finished=c["requests"], requests_aborted=c["failed"])
 
@@ -84,18 +91,12 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
                  "corrupt_latent": "corrupt-latent", "none": "", "": ""}
         if request.kind not in kinds:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"kind: unknown fault {request.kind!r}")
-        # KVSender reads its fault from DSV32_TRANSFER_FAULT at construction; re-arm it
-        # at run time (two private fields: a public setter is requested from the transfer owner).
         sender = self.scheduler.sender
-        sender._fault = kinds[request.kind]
-        sender._faults_left = max(1, request.count) if sender._fault else 0
+        if kinds[request.kind]:
+            sender.arm_fault(kinds[request.kind], max(1, request.count))
+        else:
+            sender.disarm_fault()
         return worker_pb2.FaultResponse()
-
-    def report(self) -> dict:
-        s = self.scheduler
-        return {"free_pages": self.engine.allocator.num_free, "total_pages": self.engine.allocator.num_total,
-                "running": 1 if s.running_tokens else 0, "queued_requests": s.num_waiting,
-                "queued_tokens": s.queued_tokens + s.running_tokens}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,7 +104,13 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from dsv32_engine.transfer import KVSender
 
-    engine = make_engine(args)
+    ranks = start_ep_group("prefill", args)  # --ep-size N: this process is rank 0 and starts the others
+    try:
+        engine = make_engine(args)
+    except BaseException:
+        for r in ranks:
+            r.stop(2.0)
+        raise
     worker_id = args.worker_id or f"prefill-{socket.gethostname()}-{os.getpid()}"
     args.worker_id = worker_id
     sender = KVSender(engine.cache, worker_id, args.transfer_timeout)
@@ -111,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                              max_queued_tokens=args.max_queued_tokens, transfer_timeout_s=args.transfer_timeout).start()
     svc = PrefillService(worker_id, engine, sched, args.enable_fault_injection)
     server, hs, hb, stop, _ = serve_worker("prefill", args, svc, worker_pb2_grpc.add_PrefillWorkerServicer_to_server,
-                                           svc.report, max_threads=64)
+                                           svc.load, max_threads=64)
     sched.on_change = hb.poke
     stop.wait()
     log.info("prefill worker %s shutting down", worker_id)

@@ -1,4 +1,4 @@
-"""``dsv32-serve bench engine | kernels | transfer``: side-by-side benchmarks that report ratios."""
+"""``dsv32-serve bench engine | kernels | transfer | ep``: side-by-side benchmarks that report ratios."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import importlib
 BENCHES = {
     "engine": ("dsv32_engine.bench_engine", "decode tokens/s vs transformers, DSA vs dense step, cache bytes"),
     "kernels": ("dsv32_kernels.bench", "Triton kernels vs their torch twins and the H200 roofline"),
+    "ep": ("dsv32_engine.bench_ep", "expert parallelism at EP = 1, 2, 4: step phases, bytes moved vs minimum, "
+                                    "resident weights per rank"),
     "transfer": ("dsv32_engine.transfer.bench", "KV transfer vs raw torch.distributed send/recv; TTFT overlap"),
 }
 

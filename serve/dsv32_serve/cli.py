@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("dsv32_serve.generate", "generate text offline (--model) or from a cluster (--target)"),
     "chat": ("dsv32_serve.chat", "interactive chat with the DeepSeek-V3.2 chat encoding"),
     "make-checkpoint": ("dsv32_serve.make_checkpoint", "write a random-weights checkpoint in HF layout"),
-    "bench": ("dsv32_serve.bench", "benchmarks: engine | kernels | transfer"),
+    "bench": ("dsv32_serve.bench", "benchmarks: engine | kernels | transfer | ep"),
     "loadtest": ("dsv32_loadtest.cli", "load-test a running cluster through the gRPC API"),
 }
 

@@ -43,6 +43,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dsv32_cluster.procs import ChildDied, RoleProcess, cli_argv, stop_all
 from dsv32_cluster.redis_server import RedisServer
+from dsv32_cluster.runtime import add_engine_arguments, engine_argv
 from dsv32_cluster.state import DEFAULT_PREFIX, ClusterState
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,10 +62,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-prefix", default=DEFAULT_PREFIX)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="router port (0 = any free port)")
-    p.add_argument("--numerics", default="exact", choices=("exact", "fp8"))
-    p.add_argument("--num-pages", type=int, default=None, help="cache pages per worker")
-    p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    engine = p.add_argument_group("engine (of every worker; one not given is the worker's default or its DSV32_ "
+                                  "variable; --numerics also goes to the router)")
+    add_engine_arguments(engine, from_env=False, skip=("model",))
+    p.add_argument("--prefill-ep", type=int, default=1, help="expert-parallel ranks of each prefill worker "
+                   "(its --ep-size: one process per rank, each registered as its own target)")
+    p.add_argument("--decode-ep", type=int, default=1, help="expert-parallel ranks of each decode worker (--ep-size)")
+    p.add_argument("--colocated-ep", type=int, default=1, help="expert-parallel ranks of each colocated worker")
     p.add_argument("--enable-fault-injection", action="store_true", help="(tests) workers honour InjectFault")
     p.add_argument("--router-arg", action="append", default=[], help="extra router flag (repeatable)")
     p.add_argument("--prefill-arg", action="append", default=[], help="extra prefill worker flag (repeatable)")
@@ -101,21 +105,23 @@ class Cluster:
             self.redis = RedisServer(host="127.0.0.1", workdir=str(self.log_dir / "redis"), die_with_parent=True)
             (self.log_dir / "redis").mkdir(exist_ok=True)
             redis_url, suffix = self.redis.start().url, ""
-        common = ["--model", model, "--redis-url", redis_url, "--redis-prefix", a.redis_prefix, "--host", a.host,
-                  "--numerics", a.numerics]
-        engine = []
-        for flag in ("num_pages", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(a, flag) is not None:
-                engine += ["--" + flag.replace("_", "-"), str(getattr(a, flag))]
+        common = ["--model", model, "--redis-url", redis_url, "--redis-prefix", a.redis_prefix, "--host", a.host]
+        if a.numerics is not None:  # the router validates requests against it too
+            common += ["--numerics", a.numerics]
+        engine = engine_argv(a, skip=("model", "numerics"))
         if a.enable_fault_injection:
             engine.append("--enable-fault-injection")
         counts = {"colocated": colocated_workers(a)} if a.colocated else {"decode": a.decode, "prefill": a.prefill}
-        ids = {role: [f"{role}-{i}{suffix}" for i in range(n)] for role, n in counts.items()}
+        workers = {role: [f"{role}-{i}{suffix}" for i in range(n)] for role, n in counts.items()}
         extras = {"decode": a.decode_arg, "prefill": a.prefill_arg, "colocated": a.colocated_arg}
-        for role, extra in ((r, extras[r]) for r in ids):
-            for wid in ids[role]:
-                self.spawn(wid, [role, *common, *engine, "--port", "0", "--worker-id", wid, "--exit-with-parent",
-                                 *extra])
+        ep = {"decode": a.decode_ep, "prefill": a.prefill_ep, "colocated": a.colocated_ep}
+        ids = {}  # what registers: the worker itself, or each rank of its EP group (``<id>-ep<R>``)
+        for role, extra in ((r, extras[r]) for r in workers):
+            ep_flags = ["--ep-size", str(ep[role])] if ep[role] > 1 else []
+            for wid in workers[role]:
+                self.spawn(wid, [role, *common, *engine, *ep_flags, "--port", "0", "--worker-id", wid,
+                                 "--exit-with-parent", *extra])
+                ids.setdefault(role, []).extend([f"{wid}-ep{r}" for r in range(ep[role])] if ep[role] > 1 else [wid])
         ready_file = self.log_dir / "router.ready"
         ready_file.unlink(missing_ok=True)
         self.spawn("router", ["router", *common, "--port", str(a.port), "--ready-file", str(ready_file),
@@ -205,6 +211,8 @@ def local_cluster(model: str | None = None, *, prefill: int = 1, decode: int = 1
 def run(args: argparse.Namespace) -> int:
     if args.prefill < 1 or args.decode < 1:
         raise SystemExit("up: --prefill and --decode must be >= 1")
+    if min(args.prefill_ep, args.decode_ep, args.colocated_ep) < 1:
+        raise SystemExit("up: --prefill-ep, --decode-ep and --colocated-ep must be >= 1")
     if args.workers is not None and (not args.colocated or args.workers < 1):
         raise SystemExit("up: --workers N (>= 1) goes with --colocated")
     cluster = Cluster(args)
