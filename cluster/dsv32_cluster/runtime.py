@@ -103,6 +103,26 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
     arg("--log-level", default="INFO")
 
 
+def start_worker(role: str, args: argparse.Namespace):
+    """What every worker kind does first: die with its parent (under ``up``), log, start its EP group
+    (``--ep-size``: this process becomes rank 0), build the engine, settle its worker id. Returns
+    the engine; the EP ranks it started are stopped if the engine cannot be built."""
+    from .parent import die_with_parent
+
+    die_with_parent()  # started by `up`: go when it goes
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ranks = start_ep_group(role, args)
+    try:
+        engine = make_engine(args)
+    except BaseException:
+        for r in ranks:
+            r.stop(2.0)
+        raise
+    args.worker_id = args.worker_id or f"{role}-{socket.gethostname()}-{os.getpid()}"
+    engine.ep_ranks = ranks  # rank 0 holds its started ranks for the life of the process
+    return engine
+
+
 def start_ep_group(role: str, args: argparse.Namespace) -> list:
     """``ROLE --ep-size N`` (N > 1): this process is rank 0 of the group, starts ranks 1..N-1 (the same
     command plus ``--ep-rank R --ep-master HOST:PORT``) and watches them: when one exits, so does this

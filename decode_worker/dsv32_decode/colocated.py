@@ -23,16 +23,12 @@ with the role ``colocated``. What differs is where the prompt runs:
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import socket
 
 import grpc
 
 from .queues import Admission
 from .worker import DecodeService, serve
-from dsv32_cluster.parent import die_with_parent
-from dsv32_cluster.runtime import add_worker_arguments, engine_params, make_engine, start_ep_group
+from dsv32_cluster.runtime import add_worker_arguments, engine_params, start_worker
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,14 +54,5 @@ class ColocatedService(DecodeService):
 
 
 def run(args: argparse.Namespace) -> int:
-    die_with_parent()  # started by `up`: go when it goes
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    ranks = start_ep_group("colocated", args)  # --ep-size N: this process is rank 0 and starts the others
-    try:
-        engine = make_engine(args)
-    except BaseException:
-        for r in ranks:
-            r.stop(2.0)
-        raise
-    args.worker_id = args.worker_id or f"colocated-{socket.gethostname()}-{os.getpid()}"
+    engine = start_worker("colocated", args)  # --ep-size N: this process is rank 0 and starts the others
     return serve(args, ColocatedService(args.worker_id, engine))

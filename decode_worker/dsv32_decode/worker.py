@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import queue
-import socket
 import threading
 import time
 import uuid
@@ -22,9 +20,8 @@ from .transfer_queue import DecodeTransferQueue, Incoming, KVFailed, KVRejected,
 from dsv32_proto import worker_pb2, worker_pb2_grpc
 from dsv32_cluster.envflags import add_env_argument
 from dsv32_cluster.heartbeat import WorkerLoad
-from dsv32_cluster.parent import die_with_parent
-from dsv32_cluster.runtime import (add_worker_arguments, advertised_host, engine_params, make_engine, serve_worker,
-                                   start_ep_group, step_output, token_pb)
+from dsv32_cluster.runtime import (add_worker_arguments, advertised_host, engine_params, serve_worker,
+                                   start_worker, step_output, token_pb)
 
 log = logging.getLogger("dsv32_decode")
 
@@ -207,19 +204,10 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
 
 
 def run(args: argparse.Namespace) -> int:
-    die_with_parent()  # started by `up`: go when it goes
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from dsv32_engine.transfer import KVReceiver
 
-    ranks = start_ep_group("decode", args)  # --ep-size N: this process is rank 0 and starts the others
-    try:
-        engine = make_engine(args)
-    except BaseException:
-        for r in ranks:
-            r.stop(2.0)
-        raise
-    worker_id = args.worker_id or f"decode-{socket.gethostname()}-{os.getpid()}"
-    args.worker_id = worker_id
+    engine = start_worker("decode", args)  # --ep-size N: this process is rank 0 and starts the others
+    worker_id = args.worker_id
     receiver = KVReceiver(engine.cache, args.host, args.transfer_port, worker_id, args.transfer_timeout)
     svc = DecodeService(worker_id, engine, receiver, args.transfer_timeout)
     svc.transfer_endpoint = f"{advertised_host(args)}:{receiver.port}"

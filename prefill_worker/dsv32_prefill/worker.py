@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import socket
 
 import grpc
 
 from dsv32_cluster.envflags import add_env_argument
 from dsv32_cluster.heartbeat import WorkerLoad
-from dsv32_cluster.runtime import (add_worker_arguments, engine_params, make_engine, serve_worker, start_ep_group,
+from dsv32_cluster.runtime import (add_worker_arguments, engine_params, serve_worker, start_worker,
                                    token_pb)
 from .scheduler import PrefillJob, PrefillScheduler, QueueFull
 from dsv32_proto import worker_pb2, worker_pb2_grpc
-from dsv32_cluster.parent import die_with_parent
 
 log = logging.getLogger("dsv32_prefill")
 
@@ -100,19 +97,10 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
 
 
 def run(args: argparse.Namespace) -> int:
-    die_with_parent()  # started by `up`: go when it goes
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from dsv32_engine.transfer import KVSender
 
-    ranks = start_ep_group("prefill", args)  # --ep-size N: this process is rank 0 and starts the others
-    try:
-        engine = make_engine(args)
-    except BaseException:
-        for r in ranks:
-            r.stop(2.0)
-        raise
-    worker_id = args.worker_id or f"prefill-{socket.gethostname()}-{os.getpid()}"
-    args.worker_id = worker_id
+    engine = start_worker("prefill", args)  # --ep-size N: this process is rank 0 and starts the others
+    worker_id = args.worker_id
     sender = KVSender(engine.cache, worker_id, args.transfer_timeout)
     sched = PrefillScheduler(engine, sender, budget_tokens=args.max_num_batched_tokens,
                              max_queued_tokens=args.max_queued_tokens, transfer_timeout_s=args.transfer_timeout).start()
