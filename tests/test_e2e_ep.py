@@ -24,12 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from dsv32_cluster.procs import free_port
 from dsv32_cluster.state import ClusterState
 from dsv32_proto import worker_pb2, worker_pb2_grpc
 from dsv32_router.client import generate, stream_responses
 from test_e2e import _alive
-from test_e2e_failover import _serving
+from roles import roles as start_roles
 
 pytestmark = pytest.mark.slow
 
@@ -41,51 +40,23 @@ HEARTBEAT_TTL_S = 5.0
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model, redis_server, tmp_path_factory):
-    url = f"redis://{redis_server.host}:{redis_server.port}/5"
-    state = ClusterState.from_url(url, "ep:")
-    state.client.flushdb()
-    logs = tmp_path_factory.mktemp("ep-logs")
-    base = {**os.environ, "OMP_NUM_THREADS": "1", "DSV32_MODEL": tiny_model, "DSV32_REDIS_URL": url,
-            "DSV32_REDIS_PREFIX": "ep:"}
-    port = free_port()
-    specs = [("router", ["--port", str(port)]), ("prefill", ["--worker-id", "ep-p0"]),
-             ("decode", ["--worker-id", "ep-d", "--ep-size", "2"]),
-             ("decode", ["--worker-id", "plain-d", "--num-pages", "40"])]
-    procs = []
-    for role, flags in specs:
-        with open(logs / f"{role}-{len(procs)}.log", "wb") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "dsv32_serve.cli", role, *flags], env=base,
-                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    target = f"127.0.0.1:{port}"
-    try:
+    def oracle():
         from dsv32_engine import LLM, SamplingParams
 
         llm = LLM(model=tiny_model)
         names = list(PROMPTS)
         outs = llm.generate([PROMPTS[n] for n in names], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
                                                                          ignore_eos=True))
-        oracle = {n: o.outputs[0].token_ids for n, o in zip(names, outs)}
+        res = {n: o.outputs[0].token_ids for n, o in zip(names, outs)}
         [long] = llm.generate([LONG], SamplingParams(temperature=0.0, max_tokens=LONG_TOKENS, ignore_eos=True))
-        oracle["long"] = long.outputs[0].token_ids
-        deadline = time.monotonic() + 180
-        while len(state.workers()) < 4 or not _serving(target):
-            dead = [p for p in procs if p.poll() is not None]
-            if dead or time.monotonic() > deadline:
-                raise RuntimeError("roles did not start:\n" + "\n".join(
-                    f.read_text(errors="replace")[-2000:] for f in sorted(logs.glob("*.log"))))
-            time.sleep(0.1)
-        time.sleep(1.0)  # the router refreshes its registry snapshot every 0.25 s: let it see every rank
-        yield target, state, oracle
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-        state.client.close()
+        res["long"] = long.outputs[0].token_ids
+        return res
+
+    specs = [("prefill", ["--worker-id", "ep-p0"]), ("decode", ["--worker-id", "ep-d", "--ep-size", "2"]),
+             ("decode", ["--worker-id", "plain-d", "--num-pages", "40"])]
+    with start_roles(tiny_model, redis_server, 5, "ep:", tmp_path_factory.mktemp("ep-logs"), specs, 4,
+                     before_ready=oracle) as cluster:
+        yield cluster
 
 
 def _stats(w) -> worker_pb2.WorkerStats:
@@ -124,6 +95,13 @@ def test_concurrent_requests_spread_over_the_ranks_and_match_offline(cluster):
 
 def test_a_killed_rank_takes_its_group_out_and_the_stream_completes_elsewhere(cluster):
     target, state, oracle = cluster
+    # the router prefers the idle worker with the most free pages: wait until every load report
+    # (and the router's snapshot of it) shows the earlier tests' requests gone
+    deadline = time.monotonic() + 10
+    while any(w.running or w.reserved_pages for w in state.workers("decode")):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(1.0)
     ranks = {w.worker_id: w for w in state.workers("decode") if w.ep_group}
     tokens, first_on, killed_at = [], None, None
     for msg in stream_responses(target, LONG, max_tokens=LONG_TOKENS, temperature=0.0, ignore_eos=True,

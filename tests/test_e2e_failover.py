@@ -13,17 +13,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dsv32_router.client import stream_responses
-from dsv32_cluster.procs import free_port
-from dsv32_cluster.state import ClusterState
+from roles import roles as start_roles
 
 pytestmark = pytest.mark.slow
 
@@ -33,53 +27,18 @@ MAX_TOKENS = 120
 
 @pytest.fixture(scope="module")
 def roles(tiny_model, redis_server, tmp_path_factory):
-    url = f"redis://{redis_server.host}:{redis_server.port}/4"
-    state = ClusterState.from_url(url, "fo:")
-    state.client.flushdb()
-    logs = tmp_path_factory.mktemp("failover-logs")
-    base = {**os.environ, "OMP_NUM_THREADS": "1", "DSV32_MODEL": tiny_model, "DSV32_REDIS_URL": url,
-            "DSV32_REDIS_PREFIX": "fo:"}
-    port = free_port()
-    specs = [("router", ["--port", str(port)]), ("prefill", ["--worker-id", "fo-p0"]),
-             ("decode", ["--worker-id", "fo-d0"]), ("decode", ["--worker-id", "fo-d1"])]
-    procs = []
-    for role, flags in specs:
-        with open(logs / f"{role}-{len(procs)}.log", "wb") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "dsv32_serve.cli", role, *flags], env=base,
-                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    target = f"127.0.0.1:{port}"
-    try:
+    def oracle():
         from dsv32_engine import LLM, SamplingParams
 
-        [oracle] = LLM(model=tiny_model).generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
-                                                                            ignore_eos=True))
-        deadline = time.monotonic() + 150
-        while len(state.workers()) < 3 or not _serving(target):
-            dead = [p for p in procs if p.poll() is not None]
-            if dead or time.monotonic() > deadline:
-                raise RuntimeError("roles did not start:\n" + "\n".join(
-                    f.read_text(errors="replace")[-2000:] for f in sorted(logs.glob("*.log"))))
-            time.sleep(0.1)
-        yield target, state, oracle.outputs[0].token_ids
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-        state.client.close()
+        [out] = LLM(model=tiny_model).generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
+                                                                         ignore_eos=True))
+        return out.outputs[0].token_ids
 
-
-def _serving(target: str) -> bool:
-    try:
-        with grpc.insecure_channel(target) as ch:
-            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                health_pb2.HealthCheckResponse.SERVING
-    except grpc.RpcError:
-        return False
+    specs = [("prefill", ["--worker-id", "fo-p0"]), ("decode", ["--worker-id", "fo-d0"]),
+             ("decode", ["--worker-id", "fo-d1"])]
+    with start_roles(tiny_model, redis_server, 4, "fo:", tmp_path_factory.mktemp("failover-logs"), specs, 3,
+                     before_ready=oracle) as cluster:
+        yield cluster
 
 
 def test_decode_worker_killed_mid_stream_the_answer_is_still_complete(roles):
