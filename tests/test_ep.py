@@ -172,3 +172,23 @@ def test_a_dead_rank_fails_the_others_collectives_instead_of_hanging(tiny_model)
             p.join(10)
             if p.is_alive():
                 p.kill()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ep-size", "3"], "ep-size 3 does not divide the model's 16 routed experts"),
+    (["--ep-size", "32"], "ep-size 32 is above the model's 16 routed experts"),
+    (["--ep-size", "2", "--ep-placement", "{placement}"], "placement table names expert 1 twice"),
+], ids=["not-dividing", "above-expert-count", "expert-twice"])
+def test_bad_ep_flags_are_one_line_at_start(tiny_model, tmp_path, flags, message):
+    import json
+    import subprocess
+    import sys
+
+    placement = tmp_path / "placement.json"
+    placement.write_text(json.dumps({"0": list(range(8)), "1": [1] + list(range(8, 16))}))
+    argv = [f.format(placement=placement) for f in flags]
+    proc = subprocess.run([sys.executable, "-m", "dsv32_serve.cli", "decode", "--model", tiny_model, *argv],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert "\n" not in line and line.startswith(f"dsv32-serve decode: {message}"), proc.stderr

@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dsv32_proto import serving_pb2, worker_pb2
-from . import telemetry
+from . import metrics, telemetry
 from .envflags import add_env_argument
 from .heartbeat import Heartbeat
 from .state import DEFAULT_PREFIX, ClusterState, WorkerInfo
@@ -98,8 +98,11 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
     arg("--ep-timeout", type=float, default=30.0, help="bound on every collective of the EP group, seconds")
     p.add_argument("--ep-rank", type=int, default=None, help=argparse.SUPPRESS)  # set for the ranks it starts
     p.add_argument("--ep-master", default=None, help=argparse.SUPPRESS)
-    arg("--otel-exporter", default="none", choices=telemetry.EXPORTERS)
-    arg("--metrics-port", type=int, default=0)
+    arg("--otel-exporter", default="none", choices=telemetry.EXPORTERS, help="tracing exporter (OTLP endpoint: "
+        "OTEL_EXPORTER_OTLP_ENDPOINT)")
+    arg("--otel-sample-ratio", type=float, default=1.0, help="share of new traces kept, 0..1 (a request follows the "
+        "router's decision)")
+    arg("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
     arg("--log-level", default="INFO")
 
 
@@ -111,6 +114,8 @@ def start_worker(role: str, args: argparse.Namespace):
 
     die_with_parent()  # started by `up`: go when it goes
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.model:  # the labels of every series this process exports
+        metrics.init(os.path.basename(os.path.abspath(args.model)), role)
     ranks = start_ep_group(role, args)
     try:
         engine = make_engine(args)
@@ -143,6 +148,10 @@ def start_ep_group(role: str, args: argparse.Namespace) -> list:
     if args.ep_rank is None:
         # the ranks of a group run on this machine (one pod / node): they meet on loopback
         args.ep_rank, args.ep_master = 0, f"127.0.0.1:{free_port('127.0.0.1')}"
+        if args.model:  # a placement that cannot work is one line now, not N crashed ranks later
+            from dsv32_engine.config import ModelConfig
+
+            ep_config(args).make_placement(ModelConfig.from_dir(args.model).n_routed_experts or 0)
         for r in range(1, args.ep_size):
             # rank R serves on the given ports + R (a fixed port stays predictable for probes and
             # NetworkPolicies), or on free ports when they were 0
@@ -182,8 +191,8 @@ def ep_config(args: argparse.Namespace):
             placement = json.loads(open(args.ep_placement).read())
         except (OSError, ValueError) as e:
             raise SystemExit(f"--ep-placement {args.ep_placement}: {e}")
-    return EPConfig(args.ep_size, args.ep_rank, args.ep_master, group_id=args.ep_group, timeout_s=args.ep_timeout,
-                    placement=placement)
+    return EPConfig(args.ep_size, args.ep_rank, args.ep_master, group_id=getattr(args, "ep_group", "") or "ep",
+                    timeout_s=args.ep_timeout, placement=placement)
 
 
 def make_engine(args: argparse.Namespace):
@@ -240,7 +249,7 @@ def advertised_host(args) -> str:
 
 def serve_worker(role: str, args, servicer, add_to_server, load, max_threads: int, transfer_endpoint: str = ""):
     """Shared by both roles: gRPC server, health, registration (``load()`` → ``WorkerLoad`` at each beat), signals."""
-    tracing = telemetry.setup_tracing(f"dsv32-{role}", args.otel_exporter)
+    tracing = telemetry.setup_tracing(f"dsv32-{role}", args.otel_exporter, args.otel_sample_ratio)
     worker_id = args.worker_id or f"{role}-{socket.gethostname()}-{os.getpid()}"
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix=f"{role}-rpc"),
                          interceptors=telemetry.grpc_server_interceptors(False, tracing),
@@ -253,12 +262,14 @@ def serve_worker(role: str, args, servicer, add_to_server, load, max_threads: in
         raise SystemExit(f"{role}: cannot bind {args.host}:{args.port}")
     server.start()
     telemetry.start_metrics(args.metrics_port, args.host)
+    metrics.process().watch_load(load)
     hs.set("", health_pb2.HealthCheckResponse.SERVING)
     state = ClusterState.from_url(args.redis_url, args.redis_prefix)
     info = WorkerInfo(worker_id, role, f"{advertised_host(args)}:{port}", transfer_endpoint=transfer_endpoint,
                       model=os.path.basename(os.path.abspath(args.model)),
                       page_size=servicer.engine.layout.page_size,  # the router counts this worker's pages in it
-                      ep_group=getattr(args, "ep_group", ""), ep_rank=args.ep_rank or 0, ep_size=args.ep_size)
+                      ep_group=getattr(args, "ep_group", ""), ep_rank=args.ep_rank or 0, ep_size=args.ep_size,
+                      weight_bytes=servicer.engine.weight_bytes["total"])
     stop = threading.Event()
     hb = Heartbeat(state, info, load, args.heartbeat_interval, watch_parent=args.exit_with_parent)
     hb.on_orphaned = stop.set

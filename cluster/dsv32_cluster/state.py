@@ -25,7 +25,7 @@ key                                type    contents
                                            receiver host:port), ``model``, ``host``, ``pid``,
                                            ``started_at``, ``updated_at``, ``page_size``
                                            (tokens per page of its cache pool), ``ep_group``,
-                                           ``ep_rank``, ``ep_size`` (expert parallelism: every
+                                           ``ep_rank``, ``ep_size``, ``weight_bytes`` (expert parallelism: every
                                            rank of a group registers itself; a group missing
                                            a rank is skipped by routers) and the
                                            load report (page counts in those pages):

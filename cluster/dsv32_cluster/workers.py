@@ -42,6 +42,8 @@ class WorkerInfo:
     ep_size: int = 1
     """Ranks in the group. A group with a rank missing from the registry is broken as a whole: its
     collectives fail, so routers skip every rank of it (:func:`complete_groups`)."""
+    weight_bytes: int = 0
+    """Resident weight bytes of this worker (an EP rank: its share of the routed experts + the rest)."""
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
     started_at: float = field(default_factory=time.time)

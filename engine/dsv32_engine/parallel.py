@@ -165,7 +165,9 @@ class EPGroup:
         self.backend = "nccl" if device.type == "cuda" else "gloo"
         try:
             if self.backend == "nccl":
-                self.pg = dist.ProcessGroupNCCL(store, cfg.rank, cfg.size, dist.ProcessGroupNCCL.Options())
+                opts = dist.ProcessGroupNCCL.Options()
+                opts._timeout = self.timeout  # the watchdog aborts a collective stuck past it
+                self.pg = dist.ProcessGroupNCCL(store, cfg.rank, cfg.size, opts)
             else:
                 self.pg = dist.ProcessGroupGloo(store, cfg.rank, cfg.size, self.timeout)
         except Exception as exc:  # noqa: BLE001 — rendezvous failures come in many types
