@@ -16,7 +16,7 @@ whole engine under the interpreter here).
    first ``import triton``, and ``transformers`` imports it in a full run) as on the torch
    path.
 
-The tie trap (environment.md): both paths compute the indexer scores in a different
+The tie trap: both paths compute the indexer scores in a different
 order (the ``head_dim^-0.5`` factor is folded into the head weights on the kernel path),
 so a top-k cut-off closer than float rounding may be decided differently, and neither is
 wrong. Prompts whose cut-off gap is under ``MIN_REL_GAP`` anywhere are replaced by the

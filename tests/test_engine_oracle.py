@@ -5,7 +5,7 @@ tokens' log-probs must agree within 1e-4, for a prompt shorter than
 ``index_topk`` and one four times longer (so that DSA's top-k selection is
 active in prefill and in every decode step).
 
-The tie trap (environment.md): where two indexer scores at the top-k cut-off
+The tie trap (measured with transformers 5.24): where two indexer scores at the top-k cut-off
 are within float rounding of each other, the two implementations may keep
 different tokens, and neither is wrong. The tiny preset uses 32 indexer heads
 so exact ties at 0 cannot happen; near-ties are checked on the reference's
@@ -91,8 +91,11 @@ def _hf_greedy(hf_model, prompt, sampleable):
         out = hf_model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
                                 return_dict_in_generate=True, pad_token_id=1, eos_token_id=None)
     tokens = out.sequences[0, len(prompt):].tolist()
-    # we never sample ids the tokenizer lacks, so log-probs are normalised over the tokenizer's ids
-    lps = [torch.log_softmax(l[0, :sampleable].float(), -1)[t].item() for l, t in zip(out.logits, tokens)]
+    # reported log-probs are the whole vocabulary's (ids the tokenizer lacks are never sampled, but they
+    # carry mass): ``renormalised`` is what a mask before the log-softmax would report instead
+    lps = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(out.logits, tokens)]
+    renormalised = [torch.log_softmax(l[0, :sampleable].float(), -1)[t].item() for l, t in zip(out.logits, tokens)]
+    assert max(abs(a - b) for a, b in zip(lps, renormalised)) > 1e-3, "the lacked ids must carry mass here"
     return tokens, lps
 
 
