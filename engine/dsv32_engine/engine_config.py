@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 from .config import ConfigError
 
 NUMERICS = ("exact", "fp8")
-DTYPES = ("float32", "fp32", "bfloat16", "bf16")
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,10 @@ class EngineConfig:
     numerics: str = "exact"
     """exact: float cache pages, no FP8 simulation; fp8: FP8 indexer and the 656-byte FlashMLA latent record."""
     dtype: str | None = None
-    """Compute dtype, float32 | bfloat16 (or fp32 | bf16); default: bfloat16 on CUDA, float32 elsewhere."""
+    """Compute dtype: float32 | bfloat16 (or fp32 | bf16) | auto = bfloat16 on CUDA and on CPUs with native
+    bf16 matrix units (AVX512-BF16 / AMX), float32 elsewhere. Unset: bfloat16 on CUDA, float32 on CPU (the
+    oracle mode, bit-comparable with transformers). Norms, router scores, softmax and indexer scores are
+    computed in float32 whatever the dtype."""
     device: str | None = None
     """cpu | cuda | cuda:N; default: cuda if available."""
     num_pages: int | None = None
