@@ -9,6 +9,7 @@ workloads that exist and export the metric they scale on.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from unittest import mock
 
@@ -38,6 +39,9 @@ CASES = {
     "long-release-name": {},
     "expert-parallel": {"gpu": {"enabled": True}, "decode": {"expertParallel": {"size": 4}},
                         "prefill": {"expertParallel": {"size": 2}}},
+    "serviceaccount-no-pdb": {"serviceAccount": {"create": True, "automountToken": True,
+                                                 "annotations": {"iam.example.com/role": "dsv32"}},
+                              "podDisruptionBudget": {"enabled": False}, "gpu": {"enabled": True, "shmSize": "2Gi"}},
 }
 RELEASE = {"long-release-name": "r" * 53}  # Helm's longest release name
 
@@ -165,8 +169,12 @@ def _env_of(container: dict, secrets: dict) -> dict[str, str]:
             env[e["name"]] = {"status.podIP": POD_IP, "metadata.name": POD_NAME}[src["fieldRef"]["fieldPath"]]
         else:
             ref = src["secretKeyRef"]
+            if ref["key"] in ("internal-token", "api-token", "redis-password"):  # the release's auth Secret
+                env[e["name"]] = f"test-{ref['key']}"
+                continue
             env[e["name"]] = secrets[(ref["name"], ref["key"])]
-    return env
+    # the kubelet expands $(VAR) with variables defined earlier in the list
+    return {k: re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), v) for k, v in env.items()}
 
 
 def _parse_role_cli(role: str, env: dict[str, str]):
@@ -178,12 +186,17 @@ def _parse_role_cli(role: str, env: dict[str, str]):
         return build_parser([role]).parse_args([role])
 
 
+# secrets travel only in the environment (never as flags, which `ps` shows): dsv32_cluster.auth
+SECRET_ENVS = {"DSV32_INTERNAL_TOKEN", "DSV32_API_TOKEN"}
+
+
 def test_every_dsv32_variable_is_a_flag_of_its_role(release):
     from dsv32_serve.cli import build_parser
 
     for role in ROLES:
         flags = set(vars(build_parser([role]).parse_args([role]))) - {"command"}
-        names = [e["name"] for e in release.container(role)["env"] if e["name"].startswith("DSV32_")]
+        names = [e["name"] for e in release.container(role)["env"]
+                 if e["name"].startswith("DSV32_") and e["name"] not in SECRET_ENVS]
         assert len(names) == len(set(names)), f"{role}: a variable set twice"
         unknown = {n for n in names if n[len("DSV32_"):].lower() not in flags}
         assert not unknown, f"{role}: {unknown} match no flag of `dsv32-serve {role}`"
@@ -208,7 +221,8 @@ def test_env_wires_each_role(release):
         if redis_vals.get("enabled", True):
             svc = release.get("Service", [s["metadata"]["name"] for s in release.of("Service")
                                           if s["metadata"]["name"].endswith("-redis")][0])
-            assert args.redis_url == f"redis://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}/0"
+            assert args.redis_url == (f"redis://:test-redis-password@{svc['metadata']['name']}:"
+                                      f"{svc['spec']['ports'][0]['port']}/0")
         else:
             assert args.redis_url == secrets[("dsv32-redis", "url")]
         assert args.metrics_port == (ports["metrics"] if metrics_on else 0)
@@ -312,8 +326,9 @@ def test_network_policies_allow_exactly_the_data_paths(chart):
     grpc = {role: r.values.get(role, {}).get("port") or next(
         p["containerPort"] for p in r.container(role)["ports"] if p["name"] == "grpc") for role in ROLES}
     metrics = ("external", 9400)  # Prometheus, from the monitoring namespace
+    http = ("any", next(p["containerPort"] for p in r.container("router")["ports"] if p["name"] == "http"))
     assert _ingress_graph(r) == {
-        "router": {("any", grpc["router"]), metrics},
+        "router": {("any", grpc["router"]), http, metrics},
         "prefill": {("router", grpc["prefill"]), ("decode", ALL_PORTS), metrics},
         "decode": {("router", grpc["decode"]), ("prefill", ALL_PORTS), metrics},
         "redis": {("router", 6379), ("prefill", 6379), ("decode", 6379)},
@@ -337,15 +352,10 @@ def test_router_sources_can_be_restricted(chart):
 # -- autoscaling -----------------------------------------------------------------------------
 
 def _exported_metrics() -> dict[str, tuple[str, ...]]:
-    """Prometheus metric name -> label names, as the processes register them."""
-    from dsv32_cluster import telemetry
+    """Prometheus series name -> label names, as the processes register them."""
+    from dsv32_cluster import metrics
 
-    out = {}
-    for m in vars(telemetry).values():
-        name = getattr(m, "_name", None)
-        if isinstance(name, str) and name.startswith("dsv32_"):
-            out[name] = tuple(getattr(m, "_labelnames", ()))
-    return out
+    return metrics.exported_names()
 
 
 def test_hpas_target_workloads_they_own(release):
@@ -453,3 +463,28 @@ def test_an_expert_parallel_pod_runs_its_group(chart):
         [pol] = [p for p in r.of("NetworkPolicy") if p["metadata"]["name"].endswith(role)]
         opened = pol["spec"]["ingress"][0]["ports"][0]
         assert (opened["port"], opened["endPort"]) == (grpc[0], grpc[-1])
+
+
+def test_in_chart_redis_asks_for_a_password_from_the_secret(chart):
+    r = _render(chart, "default")
+    [redis] = [d for d in r.of("Deployment") + r.of("StatefulSet") if d["metadata"]["name"].endswith("-redis")]
+    [c] = redis["spec"]["template"]["spec"]["containers"]
+    args = c["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert args[args.index("--protected-mode") + 1] == "yes"
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
+    assert env["REDIS_PASSWORD"]["key"] == env["REDISCLI_AUTH"]["key"] == "redis-password"
+    [secret] = [s for s in r.of("Secret") if s["metadata"]["name"] == env["REDIS_PASSWORD"]["name"]]
+    assert secret["data"]["redis-password"]
+
+
+def test_router_serves_the_http_api_on_its_own_port(chart):
+    r = _render(chart, "default")
+    c = r.container("router")
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    args = _parse_role_cli("router", _env_of(c, {}))
+    assert args.http_port == ports["http"] == r.values.get("router", {}).get("httpPort", 8000)
+    [svc] = [s for s in r.of("Service") if s["metadata"]["name"].endswith("-router")]
+    assert {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]}["http"] == "http"
+    off = _render_values(chart, {"router": {"httpPort": 0}})
+    assert "http" not in {p["name"] for p in off.container("router")["ports"]}

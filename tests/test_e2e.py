@@ -38,6 +38,7 @@ PROMPTS = {  # name -> token ids
 }
 TEXT_PROMPT = "The disaggregated cluster streams tokens"
 SEEDED = dict(temperature=0.9, top_p=0.95, seed=1234)
+INTERNAL_TOKEN = "e2e-internal-plane"  # up keeps a token it is given (the internal API needs it)
 
 
 def _descendants(pid: int) -> set[int]:
@@ -84,6 +85,7 @@ class Cluster:
         for w in self.workers("prefill"):
             with grpc.insecure_channel(w.endpoint) as ch:
                 worker_pb2_grpc.PrefillWorkerStub(ch).InjectFault(worker_pb2.FaultRequest(kind=kind, count=count),
+                                                                  metadata=[("x-dsv32-internal", INTERNAL_TOKEN)],
                                                                   timeout=5)
 
     def wait_pools_full(self, timeout: float = 10.0) -> dict[str, worker_pb2.WorkerStats]:
@@ -123,7 +125,7 @@ def e2e(tiny_model, tmp_path_factory):
                              "--decode", "2", "--port", "0", "--enable-fault-injection", "--log-dir", str(log_dir),
                              "--prefill-arg=--max-num-batched-tokens=128",
                              "--grace", "5"], stdout=subprocess.PIPE, stderr=err, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "DSV32_INTERNAL_TOKEN": INTERNAL_TOKEN})
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()

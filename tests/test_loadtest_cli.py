@@ -163,9 +163,9 @@ def test_trace_replay(tmp_path, capsys):
     (["--slo", "ttft"], "bad SLO term"),
     (["--arrival", "closed"], "need a concurrency"),
     (["--request-rate", "1,inf"], "finite rates"),
-    (["--target", "192.168.1.1:50051"], "not on this machine"),
+    (["--target", "router.serving"], "expected HOST:PORT"),
     (["--compare", "nope.json", "nope2.json"], "cannot read report"),
-], ids=["trace-without-file", "slo", "closed-without-users", "inf-sweep", "remote", "compare-missing"])
+], ids=["trace-without-file", "slo", "closed-without-users", "inf-sweep", "no-port", "compare-missing"])
 def test_usage_errors(argv, message, capsys):
     assert main(["loadtest", "--no-progress", *argv]) == 2
     err = capsys.readouterr().err

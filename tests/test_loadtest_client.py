@@ -16,7 +16,7 @@ import pytest
 
 from dsv32_loadtest import Arrival, SessionWorkload, Slo, SyntheticWorkload, TargetError, TraceWorkload, arun_load
 from dsv32_loadtest._api import serving_pb2 as pb
-from dsv32_loadtest.client import check_loopback
+from dsv32_loadtest.client import check_target, is_loopback
 from dsv32_loadtest.fake_server import FakeGeneration, start_fake_server
 
 
@@ -118,13 +118,20 @@ def test_dead_target_is_a_target_error():
 @pytest.mark.parametrize("target", ["127.0.0.1:1", "localhost:5", "[::1]:7", "ipv4:127.0.0.2:9",
                                     "dns:///localhost:50051", "unix:/tmp/x.sock"])
 def test_loopback_targets_accepted(target):
-    check_loopback(target)
+    check_target(target)
+    assert is_loopback(target)
 
 
-@pytest.mark.parametrize("target", ["10.0.0.1:50051", "example.com:443", "[2001:db8::1]:1", "0.0.0.0:5"])
-def test_remote_targets_refused(target):
-    with pytest.raises(TargetError, match="not on this machine"):
-        check_loopback(target)
+@pytest.mark.parametrize("target", ["10.0.0.1:50051", "example.com:443", "[2001:db8::1]:1", "router.serving:50051"])
+def test_remote_targets_accepted(target):
+    check_target(target)  # loopback is the default target, not a rule
+    assert not is_loopback(target)
+
+
+@pytest.mark.parametrize("target", ["example.com", "10.0.0.1:x", "[::1]", "host:0", ":50051"])
+def test_malformed_targets_refused(target):
+    with pytest.raises(TargetError, match="expected HOST:PORT"):
+        check_target(target)
 
 
 def test_server_dying_mid_run_gives_a_partial_report():

@@ -36,7 +36,7 @@ class FakeSender:
     def __init__(self):
         self.handles: dict[str, SimpleNamespace] = {}
 
-    def begin(self, transfer_id, endpoint, decode_id, src_pages):
+    def begin(self, transfer_id, endpoint, decode_id, src_pages, token=""):
         h = SimpleNamespace(transfer_id=transfer_id, status=TransferState(transfer_id))
         self.handles[transfer_id] = h
         return h

@@ -15,6 +15,7 @@ import time
 import grpc
 
 from dsv32_proto import worker_pb2_grpc
+from . import auth
 from .state import ROLES, AsyncClusterState, WorkerInfo
 from .workers import complete_groups
 
@@ -33,7 +34,9 @@ class WorkerDirectory:
         self.snapshot: list[WorkerInfo] = []
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._last_seen: dict[str, float] = {}
-        self._interceptors = interceptors
+        self._interceptors = [*auth.router_client_interceptors(), *(interceptors or [])]
+        self._token = auth.internal_token()
+        self._warned_unsigned = False
         self._task: asyncio.Task | None = None
         self.changed = asyncio.Condition()
 
@@ -51,7 +54,13 @@ class WorkerDirectory:
 
     async def refresh(self) -> list[WorkerInfo]:
         # an EP group with a rank gone is broken as a whole (its collectives fail): skip all of it
-        self.snapshot = complete_groups(await self.state.workers())
+        workers = await self.state.workers()
+        signed = [w for w in workers if auth.signed_by_us(w, self._token)]
+        if len(signed) < len(workers) and not self._warned_unsigned:
+            self._warned_unsigned = True
+            log.warning("ignoring registered workers without a valid signature: %s",
+                        sorted(w.worker_id for w in workers if w not in signed))
+        self.snapshot = complete_groups(signed)
         now = time.monotonic()
         for w in self.snapshot:
             self._last_seen[w.endpoint] = now

@@ -24,8 +24,10 @@ class RedisServer:
     """A ``redis-server`` child process on a free loopback port, in a temp dir."""
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None, workdir: str | None = None,
-                 start_new_session: bool = True, die_with_parent: bool = False):
+                 start_new_session: bool = True, die_with_parent: bool = False, password: str = ""):
+        """``password``: clients must AUTH (it goes in a 0600 config file, not on the command line)."""
         self.host, self.port = host, port
+        self.password = password
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dsv32-redis-"))
         self.proc: subprocess.Popen | None = None
@@ -34,7 +36,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0, attempts: int = 3) -> RedisServer:
         exe = shutil.which("redis-server")
@@ -45,8 +48,9 @@ class RedisServer:
             if not fixed:
                 self.port = free_port(self.host)
             log = open(self.workdir / "redis.log", "ab")
-            argv = [exe, "--daemonize", "no", "--bind", self.host, "--port", str(self.port), "--save", "",
-                    "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no"]
+            argv = [exe, *self._config(), "--daemonize", "no", "--bind", self.host, "--port", str(self.port), "--save", "",
+                    "--appendonly", "no", "--dir", str(self.workdir),
+                    "--protected-mode", "yes" if self.password else "no"]
             if self._die_with_parent:
                 argv = parent.wrap(argv)
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -60,8 +64,18 @@ class RedisServer:
         tail = (self.workdir / "redis.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"redis-server did not start on {self.host}:{self.port}:\n{tail}")
 
+    def _config(self) -> list[str]:
+        if not self.password:
+            return []
+        path = self.workdir / "redis.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"requirepass {self.password}\n")
+        return [str(path)]
+
     def _wait_ready(self, timeout_s: float) -> bool:
-        client = redis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.5,
+                             password=self.password or None)
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from concurrent import futures
 from dataclasses import MISSING, fields
 
@@ -25,7 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dsv32_proto import serving_pb2, worker_pb2
-from . import metrics, telemetry
+from . import auth, metrics, telemetry
 from .envflags import add_env_argument
 from .heartbeat import Heartbeat
 from .state import DEFAULT_PREFIX, ClusterState, WorkerInfo
@@ -85,10 +86,12 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
                                  "when --host is a wildcard)")
     arg("--port", type=int, default=0, help="gRPC port (0 = any free port)")
     arg("--worker-id", help="default: ROLE-HOST-PID")
-    arg("--redis-url", default="redis://127.0.0.1:6379/0")
-    arg("--redis-prefix", default=DEFAULT_PREFIX)
+    arg("--redis-url", default="redis://127.0.0.1:6379/0", help="cluster state (the registry)")
+    arg("--redis-prefix", default=DEFAULT_PREFIX, help="key prefix of this cluster in Redis")
     arg("--heartbeat-interval", type=float, default=0.5, help="seconds between load reports (and on each change)")
     arg("--transfer-timeout", type=float, default=60.0, help="bound on every wait of a KV transfer, seconds")
+    arg("--drain-timeout", type=float, default=30.0, help="on SIGTERM: stop admitting, leave the registry, let "
+        "requests in flight finish for at most this many seconds, then stop (Helm: below terminationGracePeriod)")
     arg("--enable-fault-injection", type=bool, default=False, help="honour InjectFault RPCs (tests only)")
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process dies (used by `up`)")
     arg("--ep-size", type=int, default=1, help="ranks of this worker's expert-parallel group: the command starts "
@@ -103,7 +106,9 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
     arg("--otel-sample-ratio", type=float, default=1.0, help="share of new traces kept, 0..1 (a request follows the "
         "router's decision)")
     arg("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
-    arg("--log-level", default="INFO")
+    arg("--liveness-timeout", type=float, default=300.0, help="seconds the engine loop may go without a step while "
+        "requests wait before the health service dsv32.worker.v1.EngineLoop reports NOT_SERVING (liveness)")
+    arg("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
 
 
 def start_worker(role: str, args: argparse.Namespace):
@@ -216,7 +221,8 @@ def engine_params(s: worker_pb2.WorkerSampling):
 
     return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens,
                           seed=s.seed, stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
-                          logprobs=s.logprobs or None)
+                          logprobs=s.logprobs or None, json_schema=s.json_schema or None,
+                          grammar_replay=s.grammar_replay)
 
 
 def token_pb(out) -> worker_pb2.Token:
@@ -252,7 +258,8 @@ def serve_worker(role: str, args, servicer, add_to_server, load, max_threads: in
     tracing = telemetry.setup_tracing(f"dsv32-{role}", args.otel_exporter, args.otel_sample_ratio)
     worker_id = args.worker_id or f"{role}-{socket.gethostname()}-{os.getpid()}"
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix=f"{role}-rpc"),
-                         interceptors=telemetry.grpc_server_interceptors(False, tracing),
+                         interceptors=[*auth.worker_server_interceptors(),  # internal plane: DSV32_INTERNAL_TOKEN
+                                       *telemetry.grpc_server_interceptors(False, tracing)],
                          options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)])
     add_to_server(servicer, server)
     hs = health.HealthServicer()
@@ -263,6 +270,9 @@ def serve_worker(role: str, args, servicer, add_to_server, load, max_threads: in
     server.start()
     telemetry.start_metrics(args.metrics_port, args.host)
     metrics.process().watch_load(load)
+    from .liveness import EngineWatchdog
+
+    EngineWatchdog(hs, load, lambda: metrics.process().last_step_at, args.liveness_timeout).start()
     hs.set("", health_pb2.HealthCheckResponse.SERVING)
     state = ClusterState.from_url(args.redis_url, args.redis_prefix)
     info = WorkerInfo(worker_id, role, f"{advertised_host(args)}:{port}", transfer_endpoint=transfer_endpoint,
@@ -270,6 +280,7 @@ def serve_worker(role: str, args, servicer, add_to_server, load, max_threads: in
                       page_size=servicer.engine.layout.page_size,  # the router counts this worker's pages in it
                       ep_group=getattr(args, "ep_group", ""), ep_rank=args.ep_rank or 0, ep_size=args.ep_size,
                       weight_bytes=servicer.engine.weight_bytes["total"])
+    info.auth = auth.worker_signature(auth.internal_token(), info.worker_id, role, info.endpoint, transfer_endpoint)
     stop = threading.Event()
     hb = Heartbeat(state, info, load, args.heartbeat_interval, watch_parent=args.exit_with_parent)
     hb.on_orphaned = stop.set
@@ -281,3 +292,14 @@ def serve_worker(role: str, args, servicer, add_to_server, load, max_threads: in
     return server, hs, hb, stop, worker_id
 
 
+def drain(busy, timeout_s: float, tick=lambda: None) -> None:
+    """Graceful stop: wait (at most ``timeout_s``) until ``busy()`` is 0. The worker has left the registry
+    and refuses new work, so the routers send no more; requests in flight finish and stream out."""
+    deadline = time.monotonic() + timeout_s
+    if busy():
+        log.info("draining: %d requests in flight (at most %gs)", busy(), timeout_s)
+    while busy() and time.monotonic() < deadline:
+        tick()
+        time.sleep(0.1)
+    if busy():
+        log.warning("drain timeout: %d requests still in flight are cut off", busy())

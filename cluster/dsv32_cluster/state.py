@@ -238,8 +238,15 @@ class AsyncClusterState(_StateBase):
     """The same operations for the router's event loop."""
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX, **kw) -> AsyncClusterState:
-        return cls(redis.asyncio.Redis.from_url(url, decode_responses=True), prefix, **kw)
+    def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX, *, max_connections: int | None = None,
+                 pool_timeout_s: float = 20.0, **kw) -> AsyncClusterState:
+        """``max_connections``: a blocking pool of that size (a burst waits up to ``pool_timeout_s`` for a
+        connection instead of failing with "Too many connections"); size it to the requests in flight."""
+        if max_connections is None:
+            return cls(redis.asyncio.Redis.from_url(url, decode_responses=True), prefix, **kw)
+        pool = redis.asyncio.BlockingConnectionPool.from_url(url, decode_responses=True,
+                                                             max_connections=max_connections, timeout=pool_timeout_s)
+        return cls(redis.asyncio.Redis.from_pool(pool), prefix, **kw)  # from_pool: aclose() closes the pool
 
     async def ping(self) -> bool:
         return bool(await self.client.ping())

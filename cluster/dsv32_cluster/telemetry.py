@@ -1,17 +1,16 @@
 """Tracing and metrics, both off unless asked for.
 
 Tracing (OpenTelemetry): ``--otel-exporter`` / ``DSV32_OTEL_EXPORTER`` =
-``none`` (default) | ``console`` | ``otlp`` (needs the optional
-``opentelemetry-exporter-otlp`` package; endpoint from the standard
-``OTEL_EXPORTER_OTLP_ENDPOINT``). When on, the gRPC instrumentation propagates
-``traceparent`` from the client through the router to the workers, and the
-router opens one span per phase (``admit``, ``reserve``, ``prefill``,
-``decode``) under the request's span. When off, the API's no-op tracer costs
-next to nothing.
+``none`` (default) | ``console`` | ``otlp`` | ``otlp-grpc`` | ``otlp-http``
+(endpoint, headers and TLS from the standard ``OTEL_EXPORTER_OTLP_*``
+variables), ``--otel-sample-ratio`` the share of traces kept. When on, the gRPC
+instrumentation propagates ``traceparent`` from the client through the router
+to the workers; the spans of one request are in :mod:`.tracing`. When off, the
+API's no-op tracer costs next to nothing.
 
 Metrics (Prometheus): ``--metrics-port`` / ``DSV32_METRICS_PORT`` starts the
-standard ``/metrics`` HTTP endpoint (0 or unset = off). Every process
-(router, workers) registers the same names with a ``role`` label.
+standard ``/metrics`` HTTP endpoint (0 or unset = off); the names are in
+:mod:`.metrics`.
 """
 
 from __future__ import annotations
@@ -20,50 +19,66 @@ import logging
 import os
 
 from opentelemetry import trace
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import start_http_server
 
 log = logging.getLogger(__name__)
 
-EXPORTERS = ("none", "console", "otlp")
-
-REQUESTS = Counter("dsv32_requests", "Finished Generate calls by gRPC status code", ["role", "code"])
-RETRIES = Counter("dsv32_retries", "Attempts retried on another pair, by reason", ["reason"])
-INFLIGHT = Gauge("dsv32_inflight_requests", "Requests admitted and not finished", ["role"])
-WAITING = Gauge("dsv32_waiting_requests", "Requests waiting for admission", ["role"])
-TTFT = Histogram("dsv32_time_to_first_token_seconds", "Time to first token",
-                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-TPOT = Histogram("dsv32_time_per_output_token_seconds", "Mean time per output token after the first",
-                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
-TOKENS = Counter("dsv32_tokens", "Tokens processed", ["role", "kind"])
+EXPORTERS = ("none", "console", "otlp", "otlp-grpc", "otlp-http")
+"""``otlp`` takes its protocol from the standard ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` /
+``OTEL_EXPORTER_OTLP_PROTOCOL`` (``grpc``, the default, or ``http/protobuf``); the other two name it."""
 
 
 def tracer(name: str = "dsv32"):
     return trace.get_tracer(name)
 
 
-def setup_tracing(service_name: str, exporter: str | None = None) -> bool:
-    """Install a tracer provider; returns whether tracing is on."""
+def _otlp_exporter(kind: str):
+    protocol = {"otlp-grpc": "grpc", "otlp-http": "http/protobuf"}.get(kind) or os.environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"))
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    elif protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    else:
+        raise SystemExit(f"OTLP protocol must be grpc or http/protobuf, got {protocol!r}")
+    return OTLPSpanExporter()  # endpoint, headers, TLS: the standard OTEL_EXPORTER_OTLP_* variables
+
+
+def setup_tracing(service_name: str, exporter: str | None = None, sample_ratio: float | None = None) -> bool:
+    """Install a tracer provider; returns whether tracing is on.
+
+    ``sample_ratio`` (``--otel-sample-ratio``, default 1): the share of new traces kept; a process
+    called with a ``traceparent`` follows its caller's decision, so a trace is whole or absent.
+    """
     exporter = (exporter or os.environ.get("DSV32_OTEL_EXPORTER") or "none").lower()
     if exporter not in EXPORTERS:
-        raise ValueError(f"--otel-exporter must be one of {EXPORTERS}, got {exporter!r}")
+        raise SystemExit(f"--otel-exporter must be one of {EXPORTERS}, got {exporter!r}")
     if exporter == "none":
         return False
+    ratio = 1.0 if sample_ratio is None else float(sample_ratio)
+    if not 0.0 <= ratio <= 1.0:
+        raise SystemExit(f"--otel-sample-ratio must be within [0, 1], got {ratio}")
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-    if exporter == "console":
-        span_exporter = ConsoleSpanExporter()
-    else:
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        except ImportError as e:
-            raise RuntimeError("--otel-exporter otlp needs the opentelemetry-exporter-otlp package") from e
-        span_exporter = OTLPSpanExporter()
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    try:
+        span_exporter = ConsoleSpanExporter() if exporter == "console" else _otlp_exporter(exporter)
+    except ImportError as e:
+        raise SystemExit(f"--otel-exporter {exporter} needs the opentelemetry-exporter-otlp package "
+                           f"(pip install opentelemetry-exporter-otlp==1.45.2): {e}") from None
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}),
+                              sampler=ParentBased(TraceIdRatioBased(ratio)))
     provider.add_span_processor(BatchSpanProcessor(span_exporter))
     trace.set_tracer_provider(provider)
     return True
+
+
+def _not_health():
+    from opentelemetry.instrumentation.grpc import filters
+
+    return filters.negate(filters.health_check())  # probes every few seconds would drown the requests' traces
 
 
 def grpc_server_interceptors(aio: bool, enabled: bool) -> list:
@@ -71,7 +86,8 @@ def grpc_server_interceptors(aio: bool, enabled: bool) -> list:
         return []
     from opentelemetry.instrumentation import grpc as otel_grpc
 
-    return [otel_grpc.aio_server_interceptor()] if aio else [otel_grpc.server_interceptor()]
+    return ([otel_grpc.aio_server_interceptor(filter_=_not_health())] if aio
+            else [otel_grpc.server_interceptor(filter_=_not_health())])
 
 
 def grpc_client_interceptors(aio: bool, enabled: bool) -> list | None:
@@ -79,7 +95,8 @@ def grpc_client_interceptors(aio: bool, enabled: bool) -> list | None:
         return None
     from opentelemetry.instrumentation import grpc as otel_grpc
 
-    return otel_grpc.aio_client_interceptors() if aio else [otel_grpc.client_interceptor()]
+    return (otel_grpc.aio_client_interceptors(filter_=_not_health()) if aio
+            else [otel_grpc.client_interceptor(filter_=_not_health())])
 
 
 def start_metrics(port: int | None, host: str = "127.0.0.1") -> int | None:

@@ -54,6 +54,9 @@ class WorkerInfo:
     running: int = 0
     queued_requests: int = 0
     queued_tokens: int = 0
+    auth: str = ""
+    """HMAC of id, role and endpoints under the cluster's internal token (:mod:`.auth`); routers of a
+    cluster with a token use only workers whose signature verifies."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

@@ -19,8 +19,10 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+
+from dsv32_cluster import metrics
 
 # An idle EP group re-checks for work this often (each check is one small all_reduce).
 EP_IDLE_WAIT_S = 0.02
@@ -78,6 +80,29 @@ class PreallocQueue:
         self.on_change()
         return res
 
+    def cancel(self, request_id: str) -> str:
+        """Drop a reservation no stream has taken (its pages are freed): ``"dropped"``; ``"taken"`` if a
+        ``Decode`` stream owns it now (the stream's path frees it); ``"unknown"`` otherwise. Atomic with
+        :meth:`take`, so a page is never freed by both."""
+        with self._mu:
+            res = self._by_id.get(request_id)
+            if res is None:
+                return "unknown"
+            if res.taken:
+                return "taken"
+        return "dropped" if self.drop(request_id, free_pages=True, untaken_only=True) is not None else "taken"
+
+    def renew(self, request_id: str, lease_s: float, cap_at: float) -> None:
+        """Progress was seen (the KV is arriving): push the lease ``lease_s`` ahead, never past ``cap_at``."""
+        with self._mu:
+            res = self._by_id.get(request_id)
+            if res is not None:
+                res.expires_at = max(res.expires_at, min(time.monotonic() + lease_s, cap_at))
+
+    def get(self, request_id: str) -> Reservation | None:
+        with self._mu:
+            return self._by_id.get(request_id)
+
     def take(self, request_id: str, transfer_id: str) -> Reservation | None:
         """Hand a reservation over to its Decode stream (ends the lease)."""
         with self._mu:
@@ -87,12 +112,14 @@ class PreallocQueue:
             res.taken = True
             return res
 
-    def drop(self, request_id: str, free_pages: bool) -> Reservation | None:
-        """Forget a reservation. ``free_pages``: the engine never took the pages over."""
+    def drop(self, request_id: str, free_pages: bool, untaken_only: bool = False) -> Reservation | None:
+        """Forget a reservation. ``free_pages``: the engine never took the pages over. ``untaken_only``:
+        leave it alone if a ``Decode`` stream has taken it meanwhile."""
         with self._mu:
-            res = self._by_id.pop(request_id, None)
-            if res is None:
+            res = self._by_id.get(request_id)
+            if res is None or (untaken_only and res.taken):
                 return None
+            del self._by_id[request_id]
             self.committed_pages -= res.commit_pages
         if free_pages:
             with self.lock:
@@ -105,10 +132,12 @@ class PreallocQueue:
         now = time.monotonic() if now is None else now
         with self._mu:
             stale = [r.request_id for r in self._by_id.values() if not r.taken and r.expires_at <= now]
+        dropped = []
         for rid in stale:
-            log.warning("reservation for %s expired before its Decode stream; pages freed", rid)
-            self.drop(rid, free_pages=True)
-        return stale
+            if self.drop(rid, free_pages=True, untaken_only=True) is not None:
+                log.warning("reservation for %s expired before its Decode stream; pages freed", rid)
+                dropped.append(rid)
+        return dropped
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -126,6 +155,7 @@ class Admission:
     page_ids: list[int] | None
     """The received prompt cache; None: the engine prefills the prompt itself (colocated)."""
     first: object  # dsv32_engine.engine.StepOutput from the prefill worker; None when colocated
+    created: float = field(default_factory=time.monotonic)
     out: queue.Queue = field(default_factory=queue.Queue)
     """Receives lists of StepOutput, then ``None`` when the request leaves the
     batch (an exception instead if the engine refused or failed it)."""
@@ -141,6 +171,8 @@ class RunningBatch:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._live: dict[str, Admission] = {}
+        # Aborts of requests not in the batch (yet): an admission that comes after its cancel is refused.
+        self._aborted_early: OrderedDict[str, None] = OrderedDict()
         self.steps = 0
         self.finished = 0
         self.aborted = 0
@@ -176,6 +208,7 @@ class RunningBatch:
             self.aborted += 1
         else:
             self.finished += 1
+        metrics.process().requests("aborted" if aborted else "finished").inc()
         adm.out.put(None)
         self.on_leave(rid)
 
@@ -184,27 +217,46 @@ class RunningBatch:
             kind, item = self._inbox.popleft()
             if kind == "admit":
                 self._live[item.request_id] = item
+                if self._aborted_early.pop(item.request_id, 0) is None:  # cancelled before it got here
+                    self._refuse(item, None)
+                    continue
                 try:
                     with self.lock:
                         if item.page_ids is None:
                             self.engine.add_request(item.request_id, item.prompt_ids, item.params)
+                            metrics.process().prompt_tokens.inc(len(item.prompt_ids))
                         else:
                             self.engine.add_prefilled(item.request_id, item.prompt_ids, item.params, item.page_ids,
                                                       item.first)
                 except Exception as e:  # refused: the pages never became the engine's
                     log.error("admission of %s refused: %s", item.request_id, e)
-                    if item.page_ids:
-                        with self.lock:
-                            self.engine.allocator.free(item.page_ids)
-                    item.out.put(e)
-                    self._leave(item.request_id, aborted=True)
+                    self._refuse(item, e)
                     continue
                 if item.first is not None and item.first.finished:  # EOS or max_tokens=1: finished at admission
                     self._leave(item.request_id, aborted=False)
             elif item in self._live:
-                with self.lock:
-                    self.engine.abort(item)
+                try:
+                    with self.lock:
+                        self.engine.abort(item)
+                except Exception:  # one bad abort must not take every other stream down with the loop
+                    log.exception("abort of %s", item)
                 self._leave(item, aborted=True)
+            else:
+                self._aborted_early[item] = None
+                while len(self._aborted_early) > 4096:
+                    self._aborted_early.popitem(last=False)
+
+    def _refuse(self, item: Admission, error: Exception | None) -> None:
+        """An admission that does not run: its pages go back, its stream ends (``error`` or aborted)."""
+        if item.page_ids:
+            try:
+                with self.lock:
+                    self.engine.allocator.free(item.page_ids)
+            except Exception:
+                log.exception("freeing the pages of refused %s", item.request_id)
+        if error is not None:
+            item.out.put(error)
+        self._leave(item.request_id, aborted=True)
 
     def _run(self) -> None:
         try:
@@ -220,9 +272,14 @@ class RunningBatch:
                         self._wake.clear()
                     if not ep:
                         continue
+                t0 = time.monotonic()
                 with self.lock:
                     outs = self.engine.step()
                 self.steps += 1
+                m = metrics.process()
+                m.decode_step.observe(time.monotonic() - t0)
+                m.step_beat()
+                m.generation_tokens.inc(len(outs))
                 by_rid: dict[str, list] = {}
                 for o in outs:
                     by_rid.setdefault(o.request_id, []).append(o)

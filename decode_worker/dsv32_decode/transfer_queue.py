@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from dsv32_cluster import metrics
+
 from .queues import Admission, RunningBatch
 
 log = logging.getLogger(__name__)
@@ -79,10 +81,22 @@ class DecodeTransferQueue:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
 
-    def discard(self, request_id: str) -> bool:
-        """Take a request out before its transfer ended (its stream is gone); True if it was still here."""
+    def discard(self, request_id: str) -> Incoming | None:
+        """Take a request out before its transfer ended (its stream is gone, or it was cancelled); what was
+        still here, or None. The caller owns its reservation from then on."""
         with self._mu:
-            return self._pending.pop(request_id, None) is not None
+            return self._pending.pop(request_id, None)
+
+    def progress(self) -> dict[str, str]:
+        """Transfer id by request id of the requests waiting here (their leases are renewed while the
+        receiver sees their KV arriving)."""
+        with self._mu:
+            return {rid: inc.transfer_id for rid, inc in self._pending.items()}
+
+    @property
+    def healthy(self) -> bool:
+        """False once the polling thread has died (it should never: then no transfer would ever end)."""
+        return self._stop.is_set() or not self._thread.ident or self._thread.is_alive()
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -91,30 +105,37 @@ class DecodeTransferQueue:
         from dsv32_engine.transfer import KVPoll
 
         while not self._stop.is_set():
-            with self._mu:
-                pending = list(self._pending.values())
-            if not pending:
-                self._wake.wait(self.idle_wait_s)
-                self._wake.clear()
-                continue
-            now = time.monotonic()
-            for inc in pending:
-                try:
-                    state = self.receiver.poll(inc.transfer_id)
-                except KeyError:  # released: the stream discarded it meanwhile
-                    continue
-                if state not in (KVPoll.SUCCESS, KVPoll.FAILED) and now < inc.deadline:
-                    continue
-                with self._mu:
-                    if self._pending.pop(inc.adm.request_id, None) is None:
-                        continue
-                try:
-                    self._resolve(inc)
-                except Exception as e:  # never leave a stream waiting
-                    log.exception("transfer of %s", inc.adm.request_id)
-                    self._fail(inc, KVFailed(f"KV transfer {inc.transfer_id}: {e}"))
-            self._wake.wait(self.poll_interval_s)
+            try:
+                self._poll_once(KVPoll)
+            except Exception:  # the loop outlives anything one transfer can throw at it
+                log.exception("transfer queue poll")
+                time.sleep(self.poll_interval_s)
+
+    def _poll_once(self, KVPoll) -> None:
+        with self._mu:
+            pending = list(self._pending.values())
+        if not pending:
+            self._wake.wait(self.idle_wait_s)
             self._wake.clear()
+            return
+        now = time.monotonic()
+        for inc in pending:
+            try:
+                state = self.receiver.poll(inc.transfer_id)
+            except KeyError:  # released: the stream discarded it meanwhile
+                continue
+            if state not in (KVPoll.SUCCESS, KVPoll.FAILED) and now < inc.deadline:
+                continue
+            with self._mu:
+                if self._pending.pop(inc.adm.request_id, None) is None:
+                    continue
+            try:
+                self._resolve(inc)
+            except Exception as e:  # never leave a stream waiting
+                log.exception("transfer of %s", inc.adm.request_id)
+                self._fail(inc, KVFailed(f"KV transfer {inc.transfer_id}: {e}"))
+        self._wake.wait(self.poll_interval_s)
+        self._wake.clear()
 
     def _resolve(self, inc: Incoming) -> None:
         from dsv32_engine.transfer import ChecksumMismatch, GeometryMismatch, StillInFlight, TransferError
@@ -133,6 +154,9 @@ class DecodeTransferQueue:
             return
         self._release(tid)
         self.counters["bytes_received"] += received.num_bytes
+        m = metrics.process()
+        m.transfer_bytes("received").inc(received.num_bytes)
+        m.transfer_seconds.observe(received.elapsed_s)
         # The receiver already compared checksums with the sender over the pair group;
         # this second look ties the verified data to the request the router sent.
         if received.checksum != inc.checksum or received.num_bytes != inc.sent_bytes:
@@ -144,6 +168,7 @@ class DecodeTransferQueue:
 
     def _reject(self, inc: Incoming, why: str) -> None:
         self.counters["checksum_failures"] += 1
+        metrics.process().checksum_failures.inc()
         log.error("request %s: KV verification failed: %s", inc.adm.request_id, why)
         self._fail(inc, KVRejected(why))
 

@@ -8,19 +8,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import queue
+import secrets
 import threading
 import time
 import uuid
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from .queues import Admission, PreallocQueue, RunningBatch
 from .transfer_queue import DecodeTransferQueue, Incoming, KVFailed, KVRejected, Verified
 from dsv32_proto import worker_pb2, worker_pb2_grpc
+from dsv32_cluster import tracing
 from dsv32_cluster.envflags import add_env_argument
 from dsv32_cluster.heartbeat import WorkerLoad
-from dsv32_cluster.runtime import (add_worker_arguments, advertised_host, engine_params, serve_worker,
+from dsv32_cluster.runtime import (add_worker_arguments, advertised_host, drain, engine_params, serve_worker,
                                    start_worker, step_output, token_pb)
 
 log = logging.getLogger("dsv32_decode")
@@ -30,6 +34,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_worker_arguments(p)
     add_env_argument(p, "--transfer-port", type=int, default=0,
                      help="port of the KV receiver's TCPStore (0 = any free port)")
+    add_env_argument(p, "--max-reserve-lease", type=float, default=MAX_LEASE_S,
+                     help="cap on a reservation's lease, seconds, whatever Reserve asks for; the lease is "
+                          "renewed while the KV arrives")
+    add_env_argument(p, "--max-reserve-hold", type=float, default=MAX_HOLD_S,
+                     help="cap on how long a reservation may wait for its Decode stream, renewals included, seconds")
+
+
+MAX_LEASE_S = 60.0
+MAX_HOLD_S = 900.0
+MAX_TOKENS = 1 << 24
 
 
 class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
@@ -47,37 +61,69 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.transfers = (DecodeTransferQueue(receiver, self.batch, lambda rid: self.prealloc.drop(rid, free_pages=True))
                           if receiver is not None else None)
         self.accepting = True
+        self.max_lease_s, self.max_hold_s = MAX_LEASE_S, MAX_HOLD_S
+        self.leases: dict[str, tuple[float, float]] = {}  # request id -> (lease, hold cap): renewal on progress
         # what prefill workers dial (serve() may advertise another host)
         self.transfer_endpoint = receiver.endpoint if receiver is not None else ""
 
     # -- reserve -----------------------------------------------------------------
-    def Reserve(self, request, context):
+    def _check_reserve(self, request, context) -> float:
+        """Every field of a Reserve (any peer can send one); the lease it gets (capped)."""
         if not self.accepting:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"decode worker {self.worker_id} is shutting down")
-        if request.num_prompt_tokens < 1:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_prompt_tokens: must be >= 1")
+        if not request.request_id or len(request.request_id) > 256:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must be 1-256 characters")
+        limit = MAX_TOKENS  # beyond the pool is RESOURCE_EXHAUSTED below; this only keeps the arithmetic sane
+        if not 1 <= request.num_prompt_tokens <= limit:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"num_prompt_tokens: must be in [1, {limit}]")
+        if not 0 <= request.max_tokens <= limit:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_tokens: must be in [0, {limit}]")
+        if self.receives_kv and not request.prefill_worker_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prefill_worker_id: required")
+        lease = request.lease_s
+        if not math.isfinite(lease) or lease <= 0:  # 0: not given
+            lease = self.max_lease_s
+        return min(lease, self.max_lease_s)
+
+    def Reserve(self, request, context):
+        if request.renew:
+            return self._renew(request, context)
+        lease = self._check_reserve(request, context)
         tid = f"{request.request_id}/{uuid.uuid4().hex[:8]}"
         try:
             res = self.prealloc.reserve(request.request_id, tid, request.num_prompt_tokens, max(1, request.max_tokens),
-                                        request.prefill_worker_id, request.lease_s or 60.0,
-                                        prompt_pages=self.receives_kv)
+                                        request.prefill_worker_id, lease, prompt_pages=self.receives_kv)
         except KeyError as e:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
         if res is None:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"decode worker {self.worker_id}: {self.free_pages()} of {self.engine.allocator.num_total} "
                           "pages uncommitted; not enough for this request")
+        token = secrets.token_hex(16) if self.receives_kv else ""
         if self.receives_kv:
             try:
-                self.receiver.expect(tid, request.prefill_worker_id, res.page_ids)
+                self.receiver.expect(tid, request.prefill_worker_id, res.page_ids, token=token)
             except Exception as e:
                 self.prealloc.drop(request.request_id, free_pages=True)
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"KV receiver refused the transfer: {e}")
+        if self.receives_kv:  # renewed on the transfer's progress (renew_leases)
+            self.leases[request.request_id] = (lease, time.monotonic() + self.max_hold_s)
         layout, layers = self.engine.layout, len(self.engine.cache.latent)
         return worker_pb2.ReserveResponse(
             decode_worker_id=self.worker_id, transfer_endpoint=self.transfer_endpoint, transfer_id=tid,
-            page_ids=res.page_ids, page_size=layout.page_size,
+            page_ids=res.page_ids, page_size=layout.page_size, transfer_token=token, lease_s=lease,
             expected_bytes=len(res.page_ids) * layers * self.page_bytes())
+
+    def _renew(self, request, context):
+        """The router's prompt still waits on its prefill worker: extend the reservation (capped as ever)."""
+        rid = request.request_id
+        res, lease = self.prealloc.get(rid), self.leases.get(rid)
+        if res is None or res.taken or lease is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no reservation for {rid} to renew")
+        asked = request.lease_s if math.isfinite(request.lease_s) and request.lease_s > 0 else lease[0]
+        self.prealloc.renew(rid, min(asked, self.max_lease_s), lease[1])
+        return worker_pb2.ReserveResponse(decode_worker_id=self.worker_id, transfer_id=res.transfer_id,
+                                          lease_s=min(asked, self.max_lease_s))
 
     def page_bytes(self) -> int:
         """Bytes of one page in one layer as transferred (latent + indexer, if the model has one)."""
@@ -106,6 +152,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             self.prealloc.drop(rid, free_pages=True)
             raise
         context.add_callback(lambda: self.batch.abort(rid))  # no-op once it has left the batch
+        tracing.current().set_attributes({tracing.REQUEST_ID: rid, tracing.WORKER: self.worker_id,
+                                          tracing.PROMPT_TOKENS: len(request.prompt_ids)})
         try:
             yield from self._stream(adm, context, request.first if self.receives_kv else None)
         finally:
@@ -129,6 +177,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     def _stream(self, adm: Admission, context, first: worker_pb2.Token | None):
         """Forward the request's output queue: the transfer's outcome (the first message echoes ``first``),
         then lists of tokens, then ``None``."""
+        span, n_tokens = tracing.current(), 0
         while True:
             try:
                 item = adm.out.get(timeout=0.25)
@@ -145,6 +194,10 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             tokens, end = [], False
             for it in items:
                 if isinstance(it, Verified):
+                    tracing.span_between("kv_wait", adm.created, time.monotonic(), {
+                        "dsv32.transfer.bytes": it.received.num_bytes, "dsv32.transfer.checksum": it.received.checksum})
+                    span.add_event("first_token")  # the prefill worker's, echoed
+                    n_tokens += 1
                     yield worker_pb2.DecodeResponse(tokens=[first], received_bytes=it.received.num_bytes,
                                                     checksum=it.received.checksum)
                 elif isinstance(it, KVRejected):
@@ -158,6 +211,10 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                     end = True
                 else:
                     tokens += [token_pb(o) for o in it]
+            if tokens and not n_tokens:  # colocated: sampled here
+                span.add_event("first_token")
+            n_tokens += len(tokens)
+            span.set_attribute(tracing.COMPLETION_TOKENS, n_tokens)
             if tokens:
                 yield worker_pb2.DecodeResponse(tokens=tokens)
             if end:
@@ -169,9 +226,48 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
 
     # -- control -----------------------------------------------------------------------
     def Cancel(self, request, context):
-        found = self.prealloc.drop(request.request_id, free_pages=True) is not None
-        self.batch.abort(request.request_id)
-        return worker_pb2.CancelResponse(found=found)
+        return worker_pb2.CancelResponse(found=self.cancel(request.request_id))
+
+    def cancel(self, rid: str) -> bool:
+        """Idempotent in every state, and every page is freed exactly once, by its owner: a reservation no
+        stream took (freed here), a request whose KV is still arriving (taken out of the transfer queue,
+        freed here, its stream told), a running one (aborted by the loop, which frees it), one between
+        those (the loop refuses its admission when it comes)."""
+        how = self.prealloc.cancel(rid)
+        if how == "dropped":
+            self.leases.pop(rid, None)
+            return True
+        inc = self.transfers.discard(rid) if self.transfers is not None else None
+        if inc is not None:
+            self.prealloc.drop(rid, free_pages=True)
+            inc.adm.out.put(KVFailed(f"request {rid} cancelled"))
+            return True
+        self.batch.abort(rid)
+        return how == "taken"
+
+    def renew_leases(self) -> None:
+        """A reservation whose KV is arriving keeps its pages: its lease restarts at each sign of progress
+        (announcement, message landed), up to the hold cap."""
+        if self.receiver is None:
+            return
+        for rid, (lease, cap) in list(self.leases.items()):
+            res = self.prealloc.get(rid)
+            if res is None or res.taken:
+                self.leases.pop(rid, None)
+                continue
+            at = self.receiver.progress_at(res.transfer_id)
+            if at is not None:
+                self.prealloc.renew(rid, lease - (time.monotonic() - at), cap)
+
+    def healthy(self) -> str:
+        """Why this worker cannot serve ("" if it can): a background thread it depends on has died."""
+        if self.batch.error is not None:
+            return f"decode loop failed: {self.batch.error}"
+        if self.transfers is not None and not self.transfers.healthy:
+            return "transfer queue thread died"
+        if self.receiver is not None and not self.receiver.healthy:
+            return "KV receiver's bootstrap thread died"
+        return ""
 
     def free_pages(self) -> int:
         """Pages not committed to a request (never more than the pool has free)."""
@@ -208,8 +304,10 @@ def run(args: argparse.Namespace) -> int:
 
     engine = start_worker("decode", args)  # --ep-size N: this process is rank 0 and starts the others
     worker_id = args.worker_id
-    receiver = KVReceiver(engine.cache, args.host, args.transfer_port, worker_id, args.transfer_timeout)
+    receiver = KVReceiver(engine.cache, args.host, args.transfer_port, worker_id, args.transfer_timeout,
+                          require_auth=True, announce_timeout_s=args.max_reserve_hold)
     svc = DecodeService(worker_id, engine, receiver, args.transfer_timeout)
+    svc.max_lease_s, svc.max_hold_s = args.max_reserve_lease, args.max_reserve_hold
     svc.transfer_endpoint = f"{advertised_host(args)}:{receiver.port}"
     return serve(args, svc)
 
@@ -221,14 +319,23 @@ def serve(args: argparse.Namespace, svc: DecodeService) -> int:
                                            svc.load, max_threads=2 * args.max_num_seqs + 16,
                                            transfer_endpoint=svc.transfer_endpoint)
     svc.prealloc.on_change = hb.poke
-    while not stop.wait(0.5):
-        svc.prealloc.expire()
-        if svc.batch.error is not None:
-            log.error("%s loop died; exiting", svc.role)
+    while not stop.wait(0.25):
+        try:
+            svc.renew_leases()
+            svc.prealloc.expire()
+        except Exception:
+            log.exception("lease upkeep")
+        why = svc.healthy()
+        if why:  # NOT_SERVING, out of the registry, exit: the supervisor restarts a clean process
+            log.error("%s worker %s is broken (%s); exiting", svc.role, svc.worker_id, why)
+            hs.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
             break
     log.info("%s worker %s shutting down", svc.role, svc.worker_id)
     svc.accepting = False
     hb.stop(deregister=True)
+    hs.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    if not svc.healthy():
+        drain(lambda: svc.batch.running + len(svc.prealloc), args.drain_timeout, svc.prealloc.expire)
     hs.enter_graceful_shutdown()
     server.stop(grace=2.0).wait()
     if svc.transfers is not None:
@@ -239,4 +346,4 @@ def serve(args: argparse.Namespace, svc: DecodeService) -> int:
             svc.receiver.close()
         except Exception:
             pass
-    return 1 if svc.batch.error is not None else 0
+    return 1 if svc.healthy() else 0

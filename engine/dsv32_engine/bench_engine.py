@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .progress import progress
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint dir (default: make the 'small' preset in a temp dir)")
@@ -74,7 +76,7 @@ def bench_decode(model_dir: str, batches: list[int], prompt_len: int, new: int, 
         import transformers
         hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     rows = []
-    for b in batches:
+    for b in progress(batches, "bench engine: decode", "batch"):
         prompts = torch.randint(100, 120000, (b, prompt_len), generator=torch.Generator().manual_seed(b)).tolist()
         ours = min(_ours_decode_s(llm, prompts, new) for _ in range(repeats))
         row = {"batch": b, "ours_decode_tok_s": b * (new - 1) / ours}

@@ -97,8 +97,10 @@ def run(args: argparse.Namespace) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"# bench ep on {model_dir}: {args.batch} requests per rank, context {args.prompt_len}, "
           f"{args.steps} decode steps; gloo on CPU", flush=True)
+    from .progress import progress
+
     rows = []
-    for n in sizes:
+    for n in progress(sizes, "bench ep", "size"):
         rows.append(bench_size(model_dir, n, args))
         print(f"#   EP={n} done", flush=True)
     base = next((r for r in rows if r["ep"] == 1), None)

@@ -25,6 +25,7 @@ from dsv32_kernels import fp8
 from .config import ModelConfig
 from dsv32_kernels.layout import CacheLayout
 from .model import DeepseekV32ForCausalLM
+from .progress import progress
 
 _ROPE = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
          "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -120,7 +121,7 @@ def make_checkpoint(out: str | Path, preset: str | None = "tiny", config: dict |
     store = torch.float32 if dtype == "fp32" else torch.bfloat16
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for name, shape in specs:
+    for name, shape in progress(specs, f"making {out.name}", "tensor"):
         w = _init(name, shape, g, cfg)
         if name.endswith("e_score_correction_bias") or name.endswith("mlp.gate.weight"):
             tensors = {name: w.float()}
@@ -136,7 +137,7 @@ def make_checkpoint(out: str | Path, preset: str | None = "tiny", config: dict |
         shards[-1].update(tensors)
         size += nbytes
     weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
+    for i, shard in enumerate(progress(shards, f"writing {out.name}", "shard")):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, out / fname, metadata={"format": "pt"})
         for k, t in shard.items():

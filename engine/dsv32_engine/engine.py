@@ -53,11 +53,21 @@ class PromptTooLong(ValueError):
     pass
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (oneDNN's check: AVX512-BF16 or AMX on x86)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name == "auto":  # fp32 products slow down per row as the batch grows on CPU; native bf16 ones do not
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
     return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[name]
 
 
@@ -101,6 +111,8 @@ class EngineCore:
         self.scheduler = Scheduler(self.allocator, self.layout.page_size, max_num_seqs, max_num_batched_tokens)
         self.max_num_batched_tokens = max_num_batched_tokens
         self._requests: dict[str, Request] = {}
+        self._grammars: dict[str, object] = {}  # request id -> Grammar (structured output)
+        self._grammar_tokenizer = None  # built at the first constrained request
         self._rng = random.Random(seed)
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "forward_calls": 0, "idle_forwards": 0}
 
@@ -117,7 +129,18 @@ class EngineCore:
             raise PromptTooLong(f"prompt has {len(prompt_ids)} tokens; the model context is {self.max_model_len}")
         params = params.with_defaults(self.generation_defaults).validate(self.config.vocab_size)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        if params.json_schema:
+            self._grammars[request_id] = self._grammar(params, prompt_ids)
         return Request(request_id, list(prompt_ids), params, seed)
+
+    def _grammar(self, params: SamplingParams, prompt_ids: list[int]):
+        from .grammar import GrammarTokenizer
+
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = GrammarTokenizer(self.tokenizer.backend.to_str(), self.config.vocab_size,
+                                                       self.config.eos_token_id)
+        n = params.grammar_replay
+        return self._grammar_tokenizer.grammar(params.json_schema, list(prompt_ids[len(prompt_ids) - n:]) if n else [])
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         req = self._make_request(request_id, prompt_ids, params)
@@ -131,6 +154,8 @@ class EngineCore:
         req.pages, req.num_computed = list(page_ids), len(prompt_ids)
         req.output_ids.append(first.token_id)
         self._requests[request_id] = req
+        if request_id in self._grammars:
+            self._grammars[request_id].consume(first.token_id)
         reason = self._stop_reason(req, first.token_id)
         if reason:
             self._finish(req, reason)
@@ -139,6 +164,7 @@ class EngineCore:
 
     def abort(self, request_id: str) -> bool:
         req = self._requests.pop(request_id, None)
+        self._grammars.pop(request_id, None)
         if req is None:
             return False
         self.scheduler.finish(req, "abort")
@@ -194,6 +220,7 @@ class EngineCore:
             results[req.request_id] = out
         for c in chunks:
             c.request.num_computed = c.num
+            self._grammars.pop(c.request.request_id, None)  # the decode worker rebuilds it (first token replayed)
         return [results[r.request_id] for r in reqs]
 
     @torch.inference_mode()
@@ -241,16 +268,25 @@ class EngineCore:
         batch = ForwardBatch(torch.tensor(ids, dtype=torch.long, device=dev), positions, slot_mapping, seqs,
                              torch.tensor(logit_rows, dtype=torch.long, device=dev), on_layer_done, query_block)
         self.stats["forward_calls"] += 1
-        logits = self.model(batch, self.cache)
-        if self.sampleable_vocab < logits.shape[-1]:  # never sample ids the tokenizer lacks
-            logits[:, self.sampleable_vocab:] = float("-inf")
-        return logits
+        return self.model(batch, self.cache)
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[tuple[Request, StepOutput]]:
         if not reqs:
             return []
         want = any(r.params.logprobs is not None for r in reqs)
-        ids, lps = sample(logits, [r.params for r in reqs], [r.seed for r in reqs], [r.num_tokens for r in reqs], want)
+        # Reported log-probs are the model's distribution over its whole vocabulary (as vLLM reports raw
+        # log-probs), so they are taken before the mask; only sampling skips the ids the tokenizer lacks.
+        lps = torch.log_softmax(logits, dim=-1) if want else None
+        if self.sampleable_vocab < logits.shape[-1]:  # never sample ids the tokenizer lacks
+            logits[:, self.sampleable_vocab:] = float("-inf")
+        grammars = [self._grammars.get(r.request_id) for r in reqs]
+        for b, g in enumerate(grammars):  # structured output: rows of constrained requests only
+            if g is not None:
+                g.mask_(logits[b])
+        ids, _ = sample(logits, [r.params for r in reqs], [r.seed for r in reqs], [r.num_tokens for r in reqs], False)
+        for g, tok in zip(grammars, ids):
+            if g is not None:
+                g.consume(tok)
         outs = []
         for b, (req, tok) in enumerate(zip(reqs, ids)):
             out = StepOutput(req.request_id, tok)
@@ -271,3 +307,4 @@ class EngineCore:
     def _finish(self, req: Request, reason: str) -> None:
         self.scheduler.finish(req, reason)
         self._requests.pop(req.request_id, None)
+        self._grammars.pop(req.request_id, None)

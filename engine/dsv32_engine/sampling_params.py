@@ -6,12 +6,15 @@ import math
 from dataclasses import dataclass, field, replace
 
 MAX_LOGPROBS = 20
+GREEDY_BELOW = 1e-5
+"""A temperature below this samples greedily (argmax): dividing fp32 logits by less overflows."""
 
 
 @dataclass
 class SamplingParams:
     temperature: float | None = None
-    """0 = greedy. ``None`` takes the checkpoint's generation_config.json (1.0 for DeepSeek-V3.2)."""
+    """0 = greedy (as is anything below ``GREEDY_BELOW`` = 1e-5). ``None`` takes the checkpoint's
+    generation_config.json (1.0 for DeepSeek-V3.2)."""
     top_p: float | None = None
     """Nucleus mass in (0, 1]. ``None`` takes generation_config.json (0.95)."""
     top_k: int = 0
@@ -28,6 +31,12 @@ class SamplingParams:
     """Keep generating past EOS (for benchmarks with exact lengths)."""
     logprobs: int | None = None
     """Return, per generated token, the chosen token's log-prob and the top-n (0..20)."""
+    json_schema: str | None = None
+    """Structured output: the answer is JSON valid against this schema (text), enforced while
+    sampling (:mod:`dsv32_engine.grammar`); ``'{"type": "object"}'`` = any JSON object."""
+    grammar_replay: int = 0
+    """With ``json_schema``: the prompt's last n tokens were generated under it (a retry); the
+    grammar consumes them first."""
 
     def validate(self, vocab_size: int | None = None) -> "SamplingParams":
         """Raise ``ValueError`` naming the offending field; returns self."""
@@ -64,4 +73,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperature below ``GREEDY_BELOW`` (logits / 1e-45 overflow to inf, then NaN probabilities)."""
+        return self.temperature is not None and self.temperature < GREEDY_BELOW

@@ -21,6 +21,7 @@ from torch import nn
 
 from dsv32_kernels import fp8
 from .config import ConfigError, ModelConfig
+from .progress import progress
 
 # Parameters kept in fp32 whatever the compute dtype (REF and HF do the same).
 FP32_PARAMS = re.compile(r"(mlp\.gate\.weight|e_score_correction_bias|indexer\.weights_proj\.weight)$")
@@ -100,7 +101,8 @@ def load_weights(model: nn.Module, cfg: ModelConfig, model_dir: str | Path, dtyp
     reader = _Reader(files)
     used: set[str] = set()
     experts = list(range(cfg.n_routed_experts or 0)) if local_experts is None else list(local_experts)
-    for pname, param in list(model.named_parameters()):
+    params = list(model.named_parameters())
+    for pname, param in progress(params, f"loading {Path(model_dir).name}", "tensor"):
         want = torch.float32 if FP32_PARAMS.search(pname) else dtype
         m = _EXPERT.match(pname)
         if m:

@@ -46,7 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
     g = p.add_argument_group("target")
-    g.add_argument("--target", default="127.0.0.1:50051", help="gRPC address of the router (loopback only)")
+    g.add_argument("--target", default="127.0.0.1:50051", help="gRPC address of the router (any host: a "
+                   "Helm or Ray deployment too); "
+                   "with --backend openai its HTTP address (HOST:PORT or http://HOST:PORT/v1)")
+    g.add_argument("--backend", choices=("grpc", "openai"), default="grpc",
+                   help="the router's gRPC Generate, or its OpenAI HTTP API (streamed /v1/completions)")
     g.add_argument("--model", default="", help="model id to request (default: the served model)")
     g.add_argument("--connections", type=int, default=4, help="gRPC connections to share among requests")
     g.add_argument("--wait-for-server", type=float, default=0.0, metavar="S",
@@ -82,6 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(--concurrency users) | trace (the trace's timestamps; the default with --workload trace)")
     g.add_argument("--request-rate", type=_rates, default=[1.0], metavar="R[,R...]",
                    help="requests/s (sessions: session starts/s); a list runs a sweep, one run per rate")
+    g.add_argument("--fixed-schedule", action="store_true",
+                   help="replay the trace's timestamps exactly (--workload trace; scaled by --trace-time-scale); "
+                        "the same as --arrival trace")
     g.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 = Poisson, <1 burstier")
     g.add_argument("--concurrency", type=int, default=None,
                    help="cap on requests in flight; the number of users for --arrival closed")
@@ -93,6 +100,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--abort-after-unavailable", type=int, default=10, metavar="N",
                    help="stop a run after N consecutive UNAVAILABLE errors (the target is gone)")
     g.add_argument("--slo", default=None, metavar="ttft=MS,tpot=MS,e2e=MS", help="SLOs for goodput (any subset)")
+    g.add_argument("--metric-percentiles", default="99", metavar="P[,P...]",
+                   help="percentiles of the vLLM-style keys of report.json (p99_ttft_ms...), as vllm bench serve")
+
+    g = p.add_argument_group("fault injection (a cluster on this machine; see chaos.py)")
+    g.add_argument("--chaos", choices=("kill-decode", "stop-decode", "kill-prefill"), default=None,
+                   help="hit one worker of the role every --chaos-every seconds (SIGKILL, or SIGSTOP for "
+                        "--chaos-stop seconds) while the load runs; report.json gets a 'chaos' section")
+    g.add_argument("--chaos-every", type=float, default=10.0, metavar="S")
+    g.add_argument("--chaos-stop", type=float, default=8.0, metavar="S", help="stop-decode: seconds stopped")
+    g.add_argument("--chaos-redis-url", default=os.environ.get("DSV32_REDIS_URL", "redis://127.0.0.1:6379/0"),
+                   help="the cluster's Redis (its worker registry: pids; default $DSV32_REDIS_URL)")
+    g.add_argument("--chaos-redis-prefix", default="dsv32:")
 
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", type=Path, default=None,
@@ -126,10 +145,17 @@ def _workload(a: argparse.Namespace) -> Any:
 
 def _plan(a: argparse.Namespace) -> tuple[Any, Arrival, list[float] | None, Any, dict[str, Any]]:
     from .metrics import Slo
+    from .vllm_keys import parse_percentiles
 
     workload = _workload(a)
     rates = a.request_rate
     finite = all(math.isfinite(r) for r in rates)
+    if a.fixed_schedule:
+        if a.workload != "trace" or a.arrival not in (None, "trace"):
+            raise ValueError("--fixed-schedule replays a trace's timestamps: it needs --workload trace and no "
+                             "other --arrival")
+        a.arrival = "trace"
+    parse_percentiles(a.metric_percentiles)
     process = a.arrival or ("trace" if a.workload == "trace" else "poisson")
     if not finite and process in ("poisson", "gamma"):
         process = "burst"
@@ -141,7 +167,8 @@ def _plan(a: argparse.Namespace) -> tuple[Any, Arrival, list[float] | None, Any,
                    request_timeout_s=a.request_timeout, max_duration_s=a.max_duration, model=a.model,
                    ignore_eos=a.ignore_eos, temperature=a.temperature, prompt_source=a.prompt_source,
                    seed=a.seed, wait_for_server_s=a.wait_for_server,
-                   abort_after_unavailable=a.abort_after_unavailable, progress=a.progress, handle_sigint=True)
+                   abort_after_unavailable=a.abort_after_unavailable, progress=a.progress, handle_sigint=True,
+                   backend=a.backend)
     if a.num_prompts is not None:
         options["num_prompts"] = a.num_prompts
     return workload, arrival, sweep, Slo.parse(a.slo) if a.slo else None, options
@@ -188,14 +215,29 @@ def run(a: argparse.Namespace) -> int:
     from .plots import plot_report
     from .report import format_summary, format_sweep, report_dict, write_csv, write_json
     from .runner import run_load
+    from .vllm_keys import parse_percentiles
 
+    chaos = None
     try:
         workload, arrival, sweep, slo, options = _plan(a)
-        report = run_load(a.target, workload, arrival, slo=slo, rates=sweep, **options)
+        if a.chaos:
+            from .chaos import Chaos
+
+            chaos = Chaos(a.chaos, a.chaos_redis_url, a.chaos_redis_prefix, a.chaos_every, a.chaos_stop).start()
+        try:
+            report = run_load(a.target, workload, arrival, slo=slo, rates=sweep, **options)
+        finally:
+            if chaos is not None:
+                chaos.stop()
     except (TargetError, ValueError) as e:
         return _error(str(e))
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "func"}
-    doc = report_dict(report, command=shlex.join(sys.argv), argv=sys.argv, args=args)
+    doc = report_dict(report, command=shlex.join(sys.argv), argv=sys.argv, args=args,
+                      percentiles=parse_percentiles(a.metric_percentiles))
+    if chaos is not None:
+        doc["chaos"] = chaos.summary()
+        print(f"chaos: {a.chaos}: {len(chaos.faults)} faults, recovered {doc['chaos']['recovered']}, "
+              f"recovery max {doc['chaos']['max_recovery_s']} s, mean {doc['chaos']['mean_recovery_s']} s")
     out = _out_dir(a)
     write_json(doc, out / "report.json")
     write_csv(doc, out / "requests.csv")

@@ -26,35 +26,47 @@ class TargetError(RuntimeError):
     """The target cannot be load-tested; the message is one line for the user."""
 
 
-def check_loopback(target: str) -> None:
-    """Refuse anything but this machine: ``host:port`` on loopback, or ``unix:``."""
+def split_target(target: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``HOST:PORT`` target (also ``[v6]:PORT``, ``dns:///``, ``ipv4:``); None for
+    ``unix:``. A target without a port is a ``TargetError``."""
     if target.startswith(("unix:", "unix-abstract:")):
-        return
+        return None
     rest = target
     for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
         if rest.startswith(scheme):
             rest = rest[len(scheme):]
             break
-    if rest.startswith("["):
-        host = rest[1:rest.find("]")] if "]" in rest else ""
+    if rest.startswith("[") and "]:" in rest:
+        host, port = rest[1:rest.index("]")], rest[rest.index("]:") + 2:]
+    elif rest.count(":") == 1:
+        host, port = rest.split(":")
     else:
-        host = rest.rsplit(":", 1)[0] if rest.count(":") == 1 else rest
-    if host == "localhost":
-        return
+        host, port = rest, ""
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise TargetError(f"target {target!r}: expected HOST:PORT ([IPv6]:PORT, dns:///HOST:PORT or unix:PATH)")
+    return host, int(port)
+
+
+def check_target(target: str) -> None:
+    """Any reachable host: a deployment (Helm, Ray) as well as this machine (the default target)."""
+    split_target(target)
+
+
+def is_loopback(target: str) -> bool:
+    hp = split_target(target)
+    if hp is None or hp[0] == "localhost":
+        return True
     try:
-        if ipaddress.ip_address(host).is_loopback:
-            return
+        return ipaddress.ip_address(hp[0]).is_loopback
     except ValueError:
-        pass
-    raise TargetError(f"target {target!r} is not on this machine: the load tester only drives "
-                      "loopback targets (localhost, 127.0.0.0/8, [::1], unix:)")
+        return False
 
 
 class GenerationClient:
     """``connections`` channels (one HTTP/2 connection each), used round-robin."""
 
     def __init__(self, target: str, connections: int = 4):
-        check_loopback(target)
+        check_target(target)
         if connections < 1:
             raise ValueError(f"connections must be >= 1, got {connections}")
         self.target = target

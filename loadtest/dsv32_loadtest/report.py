@@ -28,9 +28,10 @@ import math
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .runner import LoadReport
+from .vllm_keys import flat_keys
 
 SCHEMA_VERSION = 1
 CSV_FIELDS = ["run", "index", "kind", "session_id", "turn", "request_id", "status", "error",
@@ -50,7 +51,9 @@ def _finite(x: Any) -> Any:
 
 
 def report_dict(report: LoadReport, command: str = "", argv: list[str] | None = None,
-                args: dict[str, Any] | None = None) -> dict[str, Any]:
+                args: dict[str, Any] | None = None, percentiles: Sequence[float] = (99.0,)) -> dict[str, Any]:
+    """``percentiles``: the ``pNN_*_ms`` keys of the vLLM-style flat keys (:mod:`.vllm_keys`), which
+    every run carries and the document's top level repeats for the first run."""
     slo = report.slo
     runs = [{
         "label": run.label,
@@ -61,8 +64,11 @@ def report_dict(report: LoadReport, command: str = "", argv: list[str] | None = 
         "summary": run.summary(slo),
         "summary_by_kind": run.summary_by_kind(slo),
         "requests": [r.to_dict() for r in run.results],
+        **flat_keys(run.results, run.summary(slo), percentiles),
     } for run in report.runs]
+    flat = {k: runs[0][k] for k in flat_keys([], runs[0]["summary"], percentiles)} if runs else {}
     return _finite({
+        **flat,
         "schema_version": SCHEMA_VERSION,
         "tool": "dsv32-serve loadtest",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -63,6 +63,8 @@ class LoadOptions:
     progress: bool = False
     handle_sigint: bool = False
     """Ctrl-C stops the run and keeps the partial report (CLI only)."""
+    backend: str = "grpc"
+    """``grpc`` (the router's Generate) or ``openai`` (its HTTP API: ``/v1/completions``, streamed)."""
 
     def __post_init__(self) -> None:
         n = self.num_prompts
@@ -229,7 +231,13 @@ async def arun_load(target: str, workload: Workload, arrival: Arrival = Arrival(
     """
     opts = LoadOptions(**options)
     arrivals = [arrival] if not rates else [_with_rate(arrival, r) for r in rates]
-    async with GenerationClient(target, opts.connections) as client:
+    if opts.backend not in ("grpc", "openai"):
+        raise ValueError(f"backend must be grpc or openai, got {opts.backend!r}")
+    if opts.backend == "openai":
+        from .openai_client import OpenAIClient as client_class
+    else:
+        client_class = GenerationClient
+    async with client_class(target, opts.connections) as client:
         models = await client.probe(opts.probe_timeout_s, opts.wait_for_server_s)
         vocab = next((m["vocab_size"] for m in models if m["vocab_size"]), None)
         tokens = TokenSource(opts.seed, vocab, opts.prompt_source)

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from dsv32_cluster import metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -74,23 +76,30 @@ class PrefillInflightQueue:
         from dsv32_engine.transfer import KVPoll
 
         while not self._stop:
-            with self._mu:
-                entries = list(self._entries)
-            if not entries:
-                self._wake.wait(self.idle_wait_s)
-                self._wake.clear()
-                continue
-            now = time.monotonic()
-            done = [e for e in entries if self.sender.poll(e.handle) in (KVPoll.SUCCESS, KVPoll.FAILED)
-                    or now >= e.deadline]
-            if done:
-                with self._mu:
-                    self._entries = [e for e in self._entries if e not in done]
-                for e in done:
-                    self._finish(e)
-                self.on_change()
-            self._wake.wait(self.poll_interval_s)
+            try:
+                self._poll_once(KVPoll)
+            except Exception:  # the poller outlives anything one transfer can throw at it
+                log.exception("inflight poll")
+                time.sleep(self.poll_interval_s)
+
+    def _poll_once(self, KVPoll) -> None:
+        with self._mu:
+            entries = list(self._entries)
+        if not entries:
+            self._wake.wait(self.idle_wait_s)
             self._wake.clear()
+            return
+        now = time.monotonic()
+        done = [e for e in entries if self.sender.poll(e.handle) in (KVPoll.SUCCESS, KVPoll.FAILED)
+                or now >= e.deadline]
+        if done:
+            with self._mu:
+                self._entries = [e for e in self._entries if e not in done]
+            for e in done:
+                self._finish(e)
+            self.on_change()
+        self._wake.wait(self.poll_interval_s)
+        self._wake.clear()
 
     def _finish(self, e: Inflight) -> None:
         job = e.job
@@ -100,6 +109,7 @@ class PrefillInflightQueue:
             self._end(e, error=f"KV transfer to {job.decode_id} failed: {exc}")
             return
         self.count("bytes_sent", job.transfer.num_bytes)
+        metrics.process().transfer_seconds.observe(job.transfer.elapsed_s)
         self.count("requests", 1)
         self._end(e)
 

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from dsv32_cluster import metrics
 from .inflight import PrefillInflightQueue
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ class PrefillJob:
     transfer_id: str
     endpoint: str
     decode_id: str
+    token: str = ""
+    """The transfer's secret from the decode worker's reservation (proves this sender to its receiver)."""
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
@@ -44,6 +47,7 @@ class PrefillJob:
     queue_s: float = 0.0
     compute_s: float = 0.0
     batch_size: int = 0
+    layer_sends: list = field(default_factory=list)  # (layer, start, end) of each send_layer call, monotonic s
 
     def fail(self, error: str) -> None:
         self.error = error
@@ -112,6 +116,11 @@ class PrefillScheduler:
     def _count(self, name: str, n: int = 1) -> None:
         with self._counters_lock:
             self.counters[name] += n
+        m = metrics.process()
+        if name == "bytes_sent":
+            m.transfer_bytes("sent").inc(n)
+        elif name in ("requests", "failed"):
+            m.requests("finished" if name == "requests" else "failed").inc(n)
 
     def _free_pages(self, page_ids: list[int]) -> None:
         with self._pages_lock:
@@ -205,7 +214,7 @@ class PrefillScheduler:
                 pages[job.request_id] = alloc.allocate(need)
             try:
                 handles[job.request_id] = self.sender.begin(job.transfer_id, job.endpoint, job.decode_id,
-                                                            pages[job.request_id])
+                                                            pages[job.request_id], token=job.token)
             except Exception as e:
                 self._free_pages(pages.pop(job.request_id))
                 job.fail(f"KV transfer to {job.decode_id} could not start: {e}")
@@ -223,7 +232,9 @@ class PrefillScheduler:
                 for job in live:
                     if job.request_id not in failed:
                         try:
+                            t = time.monotonic()
                             self.sender.send_layer(handles[job.request_id], layer)
+                            job.layer_sends.append((layer, t, time.monotonic()))
                         except Exception as e:
                             failed[job.request_id] = f"KV transfer to {job.decode_id} failed at layer {layer}: {e}"
 
@@ -232,6 +243,12 @@ class PrefillScheduler:
             firsts = eng.prefill(inputs, on_layer_done=on_layer_done)
             compute = time.monotonic() - t0
             self._count("batches")
+            m = metrics.process()
+            m.prefill_step.observe(compute)
+            m.step_beat()
+            for job in live:
+                m.queue_time.observe(job.queue_s)
+                m.prompt_tokens.inc(len(job.prompt_ids))
             for job, first in zip(live, firsts):
                 job.first, job.compute_s = first, compute
                 if job.request_id in failed:

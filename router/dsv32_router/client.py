@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -20,7 +22,7 @@ import grpc
 from dsv32_proto import serving_pb2, serving_pb2_grpc
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "stop_token_ids", "ignore_eos",
-                    "logprobs")
+                    "logprobs", "json_schema")
 
 
 class GenerateError(RuntimeError):
@@ -31,8 +33,9 @@ class GenerateError(RuntimeError):
 
 def build_request(prompt: str | Sequence[int] | None = None, *, messages: Sequence[dict] | None = None,
                   thinking: bool = False, model: str = "", session_id: str = "", request_id: str = "",
-                  **sampling) -> serving_pb2.GenerateRequest:
-    """A ``GenerateRequest`` from a text prompt, token ids, or chat ``messages`` (dicts with role/content)."""
+                  tools: Sequence[dict] | None = None, **sampling) -> serving_pb2.GenerateRequest:
+    """A ``GenerateRequest`` from a text prompt, token ids, or chat ``messages`` (OpenAI-style dicts:
+    role/content, and reasoning_content/tool_calls on assistant turns); ``tools``: OpenAI tools."""
     unknown = set(sampling) - set(_SAMPLING_FIELDS)
     if unknown:
         raise TypeError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
@@ -40,9 +43,12 @@ def build_request(prompt: str | Sequence[int] | None = None, *, messages: Sequen
     req = serving_pb2.GenerateRequest(model=model, sampling=sp, session_id=session_id or "",
                                       request_id=request_id or "")
     if messages is not None:
-        req.chat.CopyFrom(serving_pb2.ChatInput(thinking=thinking, messages=[
-            serving_pb2.ChatMessage(role=m["role"], content=m.get("content", ""),
-                                    reasoning_content=m.get("reasoning_content", "")) for m in messages]))
+        req.chat.CopyFrom(serving_pb2.ChatInput(thinking=thinking, tools_json=json.dumps(tools) if tools else "",
+                                                messages=[
+            serving_pb2.ChatMessage(role=m["role"], content=m.get("content") or "",
+                                    reasoning_content=m.get("reasoning_content") or "",
+                                    tool_calls_json=json.dumps(m["tool_calls"]) if m.get("tool_calls") else "")
+            for m in messages]))
     elif isinstance(prompt, str):
         req.prompt = prompt
     elif prompt is not None:
@@ -62,8 +68,8 @@ def stream_responses(target: str, prompt: str | Sequence[int] | None = None, *, 
     """
     req = build_request(prompt, **params)
     own = channel is None
-    ch = grpc.insecure_channel(target) if own else channel
-    call = serving_pb2_grpc.GenerationStub(ch).Generate(req, timeout=timeout)
+    ch = connect(target) if own else channel
+    call = serving_pb2_grpc.GenerationStub(ch).Generate(req, timeout=timeout, metadata=credentials())
     try:
         for msg in call:
             yield msg
@@ -93,6 +99,9 @@ class Completion:
     decode_worker: str = ""
     request_id: str = ""
     messages: int = 0
+    reasoning_content: str = ""
+    tool_calls: list[dict] = field(default_factory=list)
+    """OpenAI-style: ``{"id", "type": "function", "function": {"name", "arguments"}}``."""
 
 
 def generate(target: str, prompt: str | Sequence[int] | None = None, **params) -> Completion:
@@ -101,6 +110,11 @@ def generate(target: str, prompt: str | Sequence[int] | None = None, **params) -
     for msg in stream_responses(target, prompt, **params):
         out.messages += 1
         out.text += msg.text
+        out.reasoning_content += msg.reasoning_content
+        for c in msg.tool_calls:
+            if c.index == len(out.tool_calls):
+                out.tool_calls.append({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}})
+            out.tool_calls[c.index]["function"]["arguments"] += c.arguments
         out.token_ids += msg.token_ids
         out.logprobs += msg.logprobs
         out.request_id = out.request_id or msg.request_id
@@ -112,6 +126,21 @@ def generate(target: str, prompt: str | Sequence[int] | None = None, **params) -
 
 
 def list_models(target: str, timeout: float = 5.0) -> list[serving_pb2.ModelInfo]:
-    with grpc.insecure_channel(target) as ch:
+    with connect(target) as ch:
         return list(serving_pb2_grpc.GenerationStub(ch).ListModels(serving_pb2.ListModelsRequest(),
-                                                                    timeout=timeout).models)
+                                                                    timeout=timeout, metadata=credentials()).models)
+
+
+def credentials(token: str | None = None) -> list[tuple[str, str]]:
+    """The call metadata a router with an API token wants: ``token``, else ``$DSV32_API_TOKEN``."""
+    token = token if token is not None else os.environ.get("DSV32_API_TOKEN", "")
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
+def connect(target: str) -> grpc.Channel:
+    """A channel to the router: TLS when ``$DSV32_TLS_CA`` names the CA's PEM file, else plain."""
+    ca = os.environ.get("DSV32_TLS_CA", "")
+    if not ca:
+        return grpc.insecure_channel(target)
+    with open(ca, "rb") as f:
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=f.read()))

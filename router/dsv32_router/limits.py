@@ -19,6 +19,9 @@ class RouterLimits:
     """A reservation not followed by its Decode stream within this is freed by D."""
     worker_timeout_s: float = 600.0
     """Bound on a worker call when the client set no deadline."""
+    stall_timeout_s: float = 30.0
+    """A decode stream with no message for this long is failed over (a hung worker, detected by progress);
+    a worker missing from the registry (heartbeat TTL) is failed over sooner, from any phase."""
 
     def __post_init__(self) -> None:
         for name in ("max_inflight", "max_attempts"):

@@ -64,11 +64,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import aclosing
 
 import grpc
 
-from dsv32_cluster import telemetry
+from dsv32_cluster import metrics, tracing
 from dsv32_cluster.directory import WorkerDirectory
 from dsv32_cluster.state import AsyncClusterState
 from dsv32_proto import serving_pb2
@@ -110,7 +111,8 @@ class Orchestrator:
             counts = self.directory.counts()
             raise RequestError(grpc.StatusCode.UNAVAILABLE, f"no workers: {counts['prefill']} prefill, "
                                f"{counts['decode']} decode and {counts['colocated']} colocated registered")
-        await self._admit(context)
+        with tracing.tracer().start_as_current_span("admit", attributes={tracing.REQUEST_ID: req.request_id}):
+            await self._admit(context)
         try:
             try:
                 created = await self.state.create_request(
@@ -120,13 +122,13 @@ class Orchestrator:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, f"cluster state (Redis) unavailable: {e}") from None
             if not created:
                 raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {req.request_id!r} was used before")
-            telemetry.INFLIGHT.labels("router").inc()
+            metrics.process().inflight.inc()
             try:
                 async with aclosing(self.run(req, context).stream()) as stream:
                     async for out in stream:
                         yield out
             finally:
-                telemetry.INFLIGHT.labels("router").dec()
+                metrics.process().inflight.dec()
         finally:
             self._slots.release()
 
@@ -142,7 +144,8 @@ class Orchestrator:
                                f"router busy: {self.limits.max_inflight} requests running and "
                                f"{self._waiting} waiting; retry later")
         self._waiting += 1
-        telemetry.WAITING.labels("router").inc()
+        metrics.process().waiting.inc()
+        t0 = time.monotonic()
         try:
             await asyncio.wait_for(self._slots.acquire(), self.limits.admission_budget(context))
         except asyncio.TimeoutError:
@@ -151,7 +154,8 @@ class Orchestrator:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "router busy: no slot freed in time") from None
         finally:
             self._waiting -= 1
-            telemetry.WAITING.labels("router").dec()
+            metrics.process().waiting.dec()
+            metrics.process().queue_time.observe(time.monotonic() - t0)
 
     def mode(self) -> str | None:
         """What the registered workers serve: see :func:`dsv32_router.policy.serving_mode`."""

@@ -15,7 +15,7 @@ from typing import Callable, Coroutine
 
 import grpc
 
-from dsv32_cluster import telemetry
+from dsv32_cluster import metrics, telemetry, tracing
 from dsv32_cluster.directory import WorkerDirectory
 from dsv32_cluster.state import AsyncClusterState, InvalidTransition, WorkerInfo
 from dsv32_proto import serving_pb2, worker_pb2
@@ -23,48 +23,15 @@ from .limits import RouterLimits, deadline_passed
 from .policy import NeverFits, NoCapacity, NoWorkers, PairPolicy, serving_mode
 from .stream import TokenStream
 from .validation import RequestError, ResolvedRequest, Sampling
+from .worker_calls import (WorkerFailed, _drain, _Hold, _looks_gone, _sampling_pb,  # noqa: F401 (re-exported)
+                           keep_reserved, watched)
 
 log = logging.getLogger(__name__)
+RETRY_WAIT_S = 8.0  # a retry waits at most this long for a worker that has not failed it (TTL 5 s + a restart)
 # worker failures that another pair may not have
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
               grpc.StatusCode.DATA_LOSS, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED,
               grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
-
-
-class WorkerFailed(Exception):
-    """One attempt failed on a worker; the request may be retried on another pair."""
-
-    def __init__(self, role: str, worker: WorkerInfo, message: str, reason: str = "error"):
-        super().__init__(f"{role} worker {worker.worker_id}: {message}")
-        self.role, self.worker, self.reason = role, worker, reason
-
-
-def _sampling_pb(s: Sampling) -> worker_pb2.WorkerSampling:
-    return worker_pb2.WorkerSampling(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                     max_tokens=s.max_tokens, seed=s.seed, stop_token_ids=s.stop_token_ids,
-                                     ignore_eos=s.ignore_eos, logprobs=s.logprobs)
-
-
-class _Hold:
-    """Load one attempt puts on workers in the router's own books, released exactly once."""
-
-    def __init__(self, policy: PairPolicy):
-        self.policy = policy
-        self.items: dict[str, tuple[str, dict]] = {}
-
-    def add(self, key: str, worker_id: str, **amounts: int) -> None:
-        self.release(key)
-        self.policy.add(worker_id, **amounts)
-        self.items[key] = (worker_id, amounts)
-
-    def release(self, key: str) -> None:
-        item = self.items.pop(key, None)
-        if item is not None:
-            self.policy.remove(item[0], **item[1])
-
-    def release_all(self) -> None:
-        for key in list(self.items):
-            self.release(key)
 
 
 class RequestRun:
@@ -87,9 +54,14 @@ class RequestRun:
         self.t0 = time.monotonic()
         self.ttft: float | None = None
         self.avoid: set[str] = set()
+        self.failed_pids: dict[str, int] = {}  # worker id -> the pid that failed us (a restart is a new pid)
         self.prefill_worker = self.decode_worker = ""
         self._announced = False
+        self._last_token_at: float | None = None
         self.attempt = 0
+        self.span = tracing.current()  # the router's Generate span: the request's attributes go there
+        self.span.set_attributes({tracing.REQUEST_ID: req.request_id, tracing.PROMPT_TOKENS: len(req.prompt_ids),
+                                  tracing.MODEL: metrics.process().model})
 
     @property
     def generated(self) -> list[int]:
@@ -109,13 +81,21 @@ class RequestRun:
         return self.limits.worker_timeout(self.context)
 
     async def _record(self, new_state: str, **extra) -> None:
-        """Best effort after creation: a Redis hiccup must not kill a healthy stream."""
-        try:
-            await self.state.transition(self.req.request_id, new_state, **extra)
-        except InvalidTransition as e:
-            log.debug("%s", e)
-        except Exception as e:
-            log.warning("request %s: could not record %s: %s", self.req.request_id, new_state, e)
+        """Best effort after creation: a Redis hiccup must not kill a healthy stream. A terminal state is
+        tried a few times: a record left active would stay so until its router goes away."""
+        tries = 3 if new_state in ("finished", "failed", "cancelled") else 1
+        for i in range(tries):
+            try:
+                await self.state.transition(self.req.request_id, new_state, **extra)
+                return
+            except InvalidTransition as e:
+                log.debug("%s", e)
+                return
+            except Exception as e:
+                log.warning("request %s: could not record %s (try %d of %d): %s", self.req.request_id, new_state,
+                            i + 1, tries, e)
+                if i + 1 < tries:
+                    await asyncio.sleep(0.2 * (i + 1))
 
     async def stream(self):
         rid = self.req.request_id
@@ -132,12 +112,15 @@ class RequestRun:
                 except WorkerFailed as e:
                     last_error = str(e)
                     self.avoid.add(e.worker.worker_id)
-                    telemetry.RETRIES.labels(e.reason).inc()
+                    self.failed_pids[e.worker.worker_id] = e.worker.pid
+                    metrics.process().retries(e.reason).inc()
                     log.warning("request %s attempt %d failed: %s", rid, attempt, e)
                     if deadline_passed(self.context):
                         raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
                     if attempt < self.limits.max_attempts:
                         await self._record("queued", error=last_error)
+                        if e.reason == "stalled" or _looks_gone(str(e)):
+                            await self._await_alternative(e.worker.role)
             raise RequestError(grpc.StatusCode.UNAVAILABLE,
                                f"request failed on {self.limits.max_attempts} worker pairs; last: {last_error}")
         except RequestError as e:
@@ -156,9 +139,15 @@ class RequestRun:
     async def _finished(self) -> None:
         rid, n = self.req.request_id, len(self.generated)
         e2e = time.monotonic() - self.t0
+        m = metrics.process()
         if n > 1 and self.ttft is not None:
-            telemetry.TPOT.observe((e2e - self.ttft) / (n - 1))
-        telemetry.TOKENS.labels("router", "completion").inc(n)
+            m.tpot.observe((e2e - self.ttft) / (n - 1))
+        m.e2e.observe(e2e)
+        m.prompt_tokens.inc(len(self.req.prompt_ids))
+        m.generation_tokens.inc(n)
+        self.span.set_attributes({tracing.COMPLETION_TOKENS: n, tracing.PREFILL_WORKER: self.prefill_worker,
+                                  tracing.DECODE_WORKER: self.decode_worker, "dsv32.finish_reason": self.finish_reason,
+                                  tracing.ATTEMPT: self.attempt})
         await self._record("finished", finish_reason=self.finish_reason, completion_tokens=n,
                            ttft_s=round(self.ttft or 0.0, 6), e2e_s=round(e2e, 6))
         if self.req.session_id:
@@ -174,8 +163,10 @@ class RequestRun:
         sampling = self.req.sampling.remaining(len(self.generated))
         tracer = telemetry.tracer()
         hold = _Hold(self.policy)
-        with tracer.start_as_current_span("admit"):
+        with tracer.start_as_current_span("reserve", attributes={tracing.ATTEMPT: self.attempt}) as span:
             d, p, reservation = await self._reserve(len(prompt), sampling.max_tokens, hold)
+            span.set_attributes({tracing.DECODE_WORKER: d.worker_id, tracing.PREFILL_WORKER: p.worker_id if p else "",
+                                 "dsv32.reserved_pages": len(reservation.page_ids)})
         decode_started = False
         try:
             # p is None on a colocated worker: d runs the prompt itself, inside its Decode stream
@@ -183,16 +174,21 @@ class RequestRun:
             await self._record("prefilling", prefill_worker=self.prefill_worker, decode_worker=d.worker_id)
             pre = None
             if p is not None:
-                with tracer.start_as_current_span("prefill"):
+                with tracer.start_as_current_span("prefill", attributes={
+                        tracing.PREFILL_WORKER: p.worker_id, tracing.PROMPT_TOKENS: len(prompt)}) as span:
                     pre = await self._prefill(p, reservation, prompt, sampling, hold)
+                    span.set_attributes({"dsv32.sent_bytes": pre.sent_bytes, "dsv32.prefill_queue_s": pre.queue_s,
+                                         "dsv32.prefill_compute_s": pre.compute_s,
+                                         "dsv32.transfer_wait_s": pre.transfer_wait_s})
                 await self._record("transferring", sent_bytes=pre.sent_bytes, prefill_queue_s=round(pre.queue_s, 6),
                                    prefill_compute_s=round(pre.compute_s, 6),
                                    transfer_wait_s=round(pre.transfer_wait_s, 6), prefill_batch=pre.batch_size)
             decode_started = True
-            with tracer.start_as_current_span("decode"):
+            with tracer.start_as_current_span("decode", attributes={tracing.DECODE_WORKER: d.worker_id}) as span:
                 async with aclosing(self._decode(d, reservation, prompt, sampling, pre)) as decode:
                     async for out in decode:
                         yield out
+                span.set_attribute(tracing.COMPLETION_TOKENS, len(self.generated))
         except BaseException:
             if not decode_started:
                 # The Decode stream never took the reservation over: free it.
@@ -249,6 +245,10 @@ class RequestRun:
                 return d, p, res
             except BaseException as e:
                 hold.release_all()
+                if not isinstance(e, grpc.aio.AioRpcError) or e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                                           grpc.StatusCode.CANCELLED):
+                    # cancelled while D may have reserved already: free it now, not at the lease's end
+                    self.background(self._cancel_on(d, "cancelled during reserve"))
                 if isinstance(e, grpc.aio.AioRpcError):
                     if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                         full.add(d.worker_id)
@@ -266,16 +266,38 @@ class RequestRun:
         raise RequestError(grpc.StatusCode.INTERNAL, f"{role} worker {worker.worker_id} rejected {phase}: "
                            f"{code.name}: {e.details()}") from None
 
+    async def _await_alternative(self, role: str) -> None:
+        """Before a retry: if every registered worker of ``role`` has failed this request (a dead one stays
+        registered until its heartbeat TTL runs out), wait a little for the registry to change (the dead
+        one expires, a restart registers under a new pid, another joins) rather than burn an attempt on it."""
+        deadline = time.monotonic() + min(RETRY_WAIT_S, self.limits.admission_budget(self.context))
+        while time.monotonic() < deadline:
+            for w in self.directory.snapshot:
+                if w.role == role and self.failed_pids.get(w.worker_id) != w.pid:
+                    self.avoid.discard(w.worker_id)  # a restarted worker is a new one
+                    return
+            await self.directory.wait_changed(min(0.5, max(0.01, deadline - time.monotonic())))
+
+    def _registered(self, w: WorkerInfo) -> bool:
+        return any(x.worker_id == w.worker_id for x in self.directory.snapshot)
+
     async def _prefill(self, p: WorkerInfo, res: worker_pb2.ReserveResponse, prompt: list[int], sampling: Sampling,
                        hold: _Hold) -> worker_pb2.PrefillResponse:
+        d = next((w for w in self.directory.snapshot if w.worker_id == res.decode_worker_id), None)
+        keep = asyncio.ensure_future(keep_reserved(self.directory.decode_stub(d), self.worker_request_id,
+                                                   self.limits.reserve_lease_s, res.lease_s)) if d is not None else None
         try:
-            return await self.directory.prefill_stub(p).Prefill(worker_pb2.PrefillRequest(
+            call = self.directory.prefill_stub(p).Prefill(worker_pb2.PrefillRequest(
                 request_id=self.worker_request_id, prompt_ids=prompt, sampling=_sampling_pb(sampling),
                 decode_worker_id=res.decode_worker_id, transfer_endpoint=res.transfer_endpoint,
-                transfer_id=res.transfer_id, dst_page_ids=res.page_ids), timeout=self._timeout())
+                transfer_id=res.transfer_id, dst_page_ids=res.page_ids, transfer_token=res.transfer_token),
+                timeout=self._timeout())
+            return await watched(call, [p] + ([d] if d is not None else []), self._registered)
         except grpc.aio.AioRpcError as e:
             self._raise_for(e, "prefill", p, "prefill")
         finally:
+            if keep is not None:
+                keep.cancel()
             hold.release("prefill")
 
     async def _decode(self, d: WorkerInfo, res: worker_pb2.ReserveResponse, prompt: list[int], sampling: Sampling,
@@ -289,7 +311,12 @@ class RequestRun:
         call = self.directory.decode_stub(d).Decode(request, timeout=self._timeout())
         first = True
         try:
-            async for msg in call:
+            while True:
+                # a colocated worker's first token waits for its own prefill of the prompt: no stall bound on it
+                stall = None if first and pre is None else self.limits.stall_timeout_s
+                msg = await watched(call.read(), [d], self._registered, stall)
+                if msg is grpc.aio.EOF:
+                    break
                 if first:
                     first = False
                     await self._record("decoding",
@@ -298,7 +325,12 @@ class RequestRun:
                 if out is not None:
                     yield out
                 if self.finish_reason:
-                    return
+                    break
+            if self.finish_reason:
+                # read the stream to its end (the worker ends it right after the last token): a call left
+                # open keeps its client span open until it is collected
+                await _drain(call, 1.0)
+                return
         except grpc.aio.AioRpcError as e:
             self._raise_for(e, d.role, d, "decode" if not first else "verify" if pre is not None else "prefill")
         finally:
@@ -319,9 +351,16 @@ class RequestRun:
         out = self.tokens.push(tokens)
         if out is None:
             return None
-        if self.ttft is None and out.token_ids:
-            self.ttft = time.monotonic() - self.t0
-            telemetry.TTFT.observe(self.ttft)
+        now = time.monotonic()
+        if out.token_ids:
+            if self.ttft is None:
+                self.ttft = now - self.t0
+                metrics.process().ttft.observe(self.ttft)
+            elif self._last_token_at is not None:  # a message of k tokens: k gaps of equal share
+                gap = (now - self._last_token_at) / len(out.token_ids)
+                for _ in out.token_ids:
+                    metrics.process().itl.observe(gap)
+            self._last_token_at = now
         if not self._announced:
             self._announced = True
             out.prefill_worker, out.decode_worker = self.prefill_worker, self.decode_worker

@@ -25,7 +25,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dsv32_proto import serving_pb2, serving_pb2_grpc
-from dsv32_cluster import telemetry
+from dsv32_cluster import metrics, telemetry
+from dsv32_cluster import auth
 from dsv32_cluster.envflags import add_env_argument
 from dsv32_cluster.directory import WorkerDirectory
 from dsv32_cluster.parent import die_with_parent
@@ -36,27 +37,38 @@ from .validation import ModelSpec, RequestError
 
 log = logging.getLogger("dsv32_router")
 SERVICE = serving_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+DEFAULT_MAX_TOKENS = 2048  # see --default-max-tokens
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     arg = functools.partial(add_env_argument, p)  # every default from DSV32_<FLAG>; a bad value is one line
     arg("--model", help="checkpoint directory (tokenizer, config)")
     arg("--served-model-name", help="model id clients send (default: the checkpoint directory's name)")
-    arg("--numerics", default="exact", choices=("exact", "fp8"))
+    arg("--numerics", default="exact", choices=("exact", "fp8"), help="the workers' numerics (validated against)")
     arg("--host", default="127.0.0.1", help="bind address")
     arg("--port", type=int, default=50051, help="0 = any free port")
-    arg("--redis-url", default="redis://127.0.0.1:6379/0")
-    arg("--redis-prefix", default=DEFAULT_PREFIX)
+    arg("--http-port", type=int, default=-1,
+        help="OpenAI-compatible HTTP API port (0 = any free port, -1 = off); see http_app.py")
+    arg("--redis-url", default="redis://127.0.0.1:6379/0", help="cluster state")
+    arg("--redis-prefix", default=DEFAULT_PREFIX, help="key prefix of this cluster in Redis")
     arg("--max-inflight", type=int, default=256, help="requests in flight before new ones wait")
     arg("--max-waiting", type=int, default=256, help="requests waiting for admission before RESOURCE_EXHAUSTED")
     arg("--admission-timeout", type=float, default=10.0, help="seconds a request may wait for capacity")
     arg("--max-attempts", type=int, default=3, help="tries of a request over worker failures")
-    arg("--default-max-tokens", type=int, default=0,
-        help="max_tokens of requests that set none (0 = the rest of the context)")
+    arg("--tls-cert", help="PEM certificate: serve the public API over TLS (with --tls-key)")
+    arg("--tls-key", help="PEM private key of --tls-cert")
+    arg("--stall-timeout", type=float, default=30.0,
+        help="seconds without a token from a decode stream before it is retried elsewhere (hung worker)")
+    arg("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+        help="max_tokens of requests that set none, capped by the context (0 = the rest of the context). "
+             "Capacity is committed for prompt + max_tokens up front: the rest of the context for every such "
+             "request would admit a handful at a time")
     arg("--ready-file", help="write HOST:PORT here once serving (used by `dsv32-serve up`)")
-    arg("--otel-exporter", default="none", choices=telemetry.EXPORTERS)
+    arg("--otel-exporter", default="none", choices=telemetry.EXPORTERS, help="tracing exporter (OTLP endpoint: "
+        "OTEL_EXPORTER_OTLP_ENDPOINT)")
+    arg("--otel-sample-ratio", type=float, default=1.0, help="share of requests traced, 0..1")
     arg("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
-    arg("--log-level", default="INFO")
+    arg("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
 
 
 class GenerationService(serving_pb2_grpc.GenerationServicer):
@@ -81,7 +93,7 @@ class GenerationService(serving_pb2_grpc.GenerationServicer):
             raise
         finally:
             await stream.aclose()
-            telemetry.REQUESTS.labels("router", code).inc()
+            metrics.process().requests(code).inc()
 
     async def ListModels(self, request, context):
         s = self.orch.spec
@@ -98,33 +110,52 @@ class Router:
         from dsv32_text.tokenizer import load_tokenizer
 
         self.args = args
-        self.tracing = telemetry.setup_tracing("dsv32-router", args.otel_exporter)
+        self.tracing = telemetry.setup_tracing("dsv32-router", args.otel_exporter, args.otel_sample_ratio)
         self.spec = ModelSpec.from_checkpoint(args.model, args.served_model_name, args.numerics,
                                               args.default_max_tokens)
+        metrics.init(self.spec.name, "router")
         self.tokenizer = load_tokenizer(args.model)
         self.router_id = f"router-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.limits = RouterLimits(max_inflight=args.max_inflight, max_waiting=args.max_waiting,
-                                   admission_timeout_s=args.admission_timeout, max_attempts=args.max_attempts)
+                                   admission_timeout_s=args.admission_timeout, max_attempts=args.max_attempts,
+                                   stall_timeout_s=args.stall_timeout)
 
     async def serve(self) -> None:
         args = self.args
-        state = AsyncClusterState.from_url(args.redis_url, args.redis_prefix)
+        # one connection per request in flight (each may hold one while it records), plus the loops' own
+        state = AsyncClusterState.from_url(args.redis_url, args.redis_prefix, max_connections=args.max_inflight + 32)
         directory = WorkerDirectory(state, interceptors=telemetry.grpc_client_interceptors(True, self.tracing))
         await directory.start()
         await state.router_alive(self.router_id)  # before any request of ours can be reaped
         orch = Orchestrator(self.spec, self.tokenizer, state, directory, self.limits, self.router_id)
-        server = grpc.aio.server(interceptors=telemetry.grpc_server_interceptors(True, self.tracing),
+        server = grpc.aio.server(interceptors=[*auth.router_server_interceptors(),  # DSV32_API_TOKEN: Bearer
+                                               *telemetry.grpc_server_interceptors(True, self.tracing)],
                                  options=[("grpc.so_reuseport", 0)])
         serving_pb2_grpc.add_GenerationServicer_to_server(GenerationService(orch), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        port = server.add_insecure_port(f"{args.host}:{args.port}")
+        if args.tls_cert:  # optional TLS on the public API (clients: --tls-ca / DSV32_TLS_CA)
+            with open(args.tls_cert, "rb") as c, open(args.tls_key, "rb") as k:
+                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+            port = server.add_secure_port(f"{args.host}:{args.port}", creds)
+        else:
+            port = server.add_insecure_port(f"{args.host}:{args.port}")
         if port == 0:
             raise SystemExit(f"router: cannot bind {args.host}:{args.port}")
         await server.start()
         telemetry.start_metrics(args.metrics_port, args.host)
         endpoint = f"{args.host}:{port}"
+        http = None
+        if args.http_port >= 0:  # the OpenAI HTTP front: same orchestrator, same event loop
+            from .http_app import build_app, start_http
+
+            http = await start_http(build_app(orch, self.tokenizer), args.host, args.http_port)
+            print(f"router http listening {http[2]}", flush=True)
+            if args.ready_file:  # read by `up --http-port` before the ready file appears
+                with open(f"{args.ready_file}.http.tmp", "w") as f:
+                    f.write(http[2] + "\n")
+                os.replace(f"{args.ready_file}.http.tmp", f"{args.ready_file}.http")
         log.info("router %s serving %s on %s (redis %s)", self.router_id, self.spec.name, endpoint, args.redis_url)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -143,6 +174,9 @@ class Router:
         await health_servicer.enter_graceful_shutdown()
         health_task.cancel()
         liveness_task.cancel()
+        if http is not None:
+            http[1].should_exit = True
+            await asyncio.gather(http[0], return_exceptions=True)
         await server.stop(grace=2.0)
         await directory.close()
         await state.aclose()

@@ -91,10 +91,16 @@ class Sampling:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int = 0
+    json_schema: str = ""
+    """Structured output (empty = off): enforced by the workers' samplers."""
+    grammar_replay: int = 0
+    """Trailing prompt tokens that were generated under ``json_schema`` (set on a retry)."""
 
     def remaining(self, generated: int) -> Sampling:
-        """The same parameters for a continuation after ``generated`` tokens (a retry)."""
-        return Sampling(**{**self.__dict__, "max_tokens": self.max_tokens - generated})
+        """The same parameters for a continuation after ``generated`` tokens (a retry): the
+        grammar of a structured answer replays the generated tokens, never restarts."""
+        return Sampling(**{**self.__dict__, "max_tokens": self.max_tokens - generated,
+                           "grammar_replay": generated if self.json_schema else 0})
 
 
 @dataclass
@@ -104,6 +110,14 @@ class ResolvedRequest:
     sampling: Sampling
     session_id: str = ""
     seed_chosen_by_router: bool = False
+    thinking: bool = False
+    """Chat input in thinking mode: the output splits into reasoning and content."""
+    tools: bool = False
+    """Chat input with tools: DSML tool calls in the output are parsed."""
+    forced_tool: str = ""
+    """Named tool choice: the output (JSON arguments) is returned as one call of this function."""
+    require_tool: bool = False
+    """Tool choice "required": the output (a JSON list of {name, parameters}) is returned as calls."""
 
 
 def _check_id(value: str, field_path: str) -> None:
@@ -132,6 +146,7 @@ def _prompt_ids(req: serving_pb2.GenerateRequest, tokenizer, spec: ModelSpec) ->
 
 def _chat_ids(chat: serving_pb2.ChatInput, tokenizer) -> list[int]:
     from dsv32_text.encoding import EncodingError, render_prompt_ids
+    from .chat_json import check_tool_calls, check_tools
 
     if not chat.messages:
         raise invalid("chat.messages", "must not be empty")
@@ -143,19 +158,9 @@ def _chat_ids(chat: serving_pb2.ChatInput, tokenizer) -> list[int]:
         if m.reasoning_content:
             msg["reasoning_content"] = m.reasoning_content
         if m.tool_calls_json:
-            try:
-                msg["tool_calls"] = json.loads(m.tool_calls_json)
-            except ValueError as e:
-                raise invalid(f"chat.messages[{i}].tool_calls_json", f"not JSON ({e})") from None
+            msg["tool_calls"] = check_tool_calls(m.tool_calls_json, f"chat.messages[{i}].tool_calls_json", invalid)
         messages.append(msg)
-    tools = None
-    if chat.tools_json:
-        try:
-            tools = json.loads(chat.tools_json)
-        except ValueError as e:
-            raise invalid("chat.tools_json", f"not JSON ({e})") from None
-        if not isinstance(tools, list):
-            raise invalid("chat.tools_json", "must be a JSON list of tools")
+    tools = check_tools(chat.tools_json, "chat.tools_json", invalid) if chat.tools_json else None
     try:
         return render_prompt_ids(tokenizer, messages, "thinking" if chat.thinking else "chat", tools=tools)
     except (EncodingError, KeyError, TypeError, ValueError) as e:
@@ -192,6 +197,10 @@ def _sampling(sp: serving_pb2.SamplingParams, spec: ModelSpec, prompt_len: int) 
     for i, t in enumerate(sp.stop_token_ids):
         if t >= spec.vocab_size:
             raise invalid(f"sampling.stop_token_ids[{i}]", f"{t} is not a token id (vocabulary size {spec.vocab_size})")
+    if sp.json_schema:
+        from .chat_json import check_json_schema
+
+        check_json_schema(sp.json_schema, "sampling.json_schema", invalid)
     chosen = not sp.HasField("seed")
     # An unseeded request still gets a seed: sampling is keyed by (seed,
     # position), so the prefill worker's first token, the decode worker's rest
@@ -199,7 +208,7 @@ def _sampling(sp: serving_pb2.SamplingParams, spec: ModelSpec, prompt_len: int) 
     seed = random.getrandbits(63) if chosen else sp.seed
     return Sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed,
                     stop=list(sp.stop), stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
-                    logprobs=sp.logprobs), chosen
+                    logprobs=sp.logprobs, json_schema=sp.json_schema), chosen
 
 
 def resolve(req: serving_pb2.GenerateRequest, tokenizer, spec: ModelSpec) -> ResolvedRequest:
@@ -216,5 +225,20 @@ def resolve(req: serving_pb2.GenerateRequest, tokenizer, spec: ModelSpec) -> Res
                            f"{req.WhichOneof('input')}: {len(prompt_ids)} tokens do not fit in the model's context "
                            f"of {spec.max_model_len} tokens (with room for at least one generated token)")
     sampling, chosen = _sampling(req.sampling, spec, len(prompt_ids))
+    forced = req.chat.forced_tool if req.WhichOneof("input") == "chat" else ""
+    required = req.WhichOneof("input") == "chat" and req.chat.require_tool
+    if forced or required:
+        from .chat_json import forced_tool_schema, required_tool_schema
+
+        name = "chat.forced_tool" if forced else "chat.require_tool"
+        if sampling.json_schema or (forced and required):
+            raise invalid(name, "goes with neither sampling.json_schema nor the other tool choice")
+        sampling.json_schema = forced_tool_schema(req.chat.tools_json, forced, invalid) if forced \
+            else required_tool_schema(req.chat.tools_json, invalid)
     return ResolvedRequest(request_id=req.request_id or uuid.uuid4().hex, prompt_ids=prompt_ids, sampling=sampling,
-                           session_id=req.session_id, seed_chosen_by_router=chosen)
+                           session_id=req.session_id, seed_chosen_by_router=chosen,
+                           # a constrained answer is JSON from its first token: no reasoning to split off
+                           thinking=req.WhichOneof("input") == "chat" and req.chat.thinking
+                           and not sampling.json_schema,
+                           tools=req.WhichOneof("input") == "chat" and bool(req.chat.tools_json) and not forced
+                           and not required, forced_tool=forced, require_tool=required)

@@ -11,6 +11,8 @@ BENCHES = {
     "ep": ("dsv32_engine.bench_ep", "expert parallelism at EP = 1, 2, 4: step phases, bytes moved vs minimum, "
                                     "resident weights per rank"),
     "transfer": ("dsv32_engine.transfer.bench", "KV transfer vs raw torch.distributed send/recv; TTFT overlap"),
+    "frontends": ("dsv32_serve.bench_frontends", "TTFT/TPOT through HTTP vs gRPC; decode tok/s with a JSON-schema "
+                                                 "mask vs none"),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 
@@ -29,12 +30,38 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+
+    try:
+        return dist_version("dsv32-serve")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        return "0+unknown"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``(default: X)`` after every flag's help, except where there is nothing to say."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help
+        help = action.help or ""
+        return help if "%(default)" in help else f"{help} (default: %(default)s)".lstrip()
+
+
+# Start failures that are the user's to fix (a bad path, a missing optional dependency, a bad
+# value): one line on stderr and exit status 2, no traceback (DSV32_TRACEBACK=1 shows it).
+_ONE_LINE = (OSError, ImportError, ValueError)
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv32-serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"dsv32-serve {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = argv[0] if argv and argv[0] in COMMANDS else None
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
+        p.add_argument("--version", action="version", version=f"dsv32-serve {version()}")
         # Only the chosen command's module is imported (its arguments are needed);
         # the others stay unimported so that light commands stay light.
         if name == wanted:
@@ -44,13 +71,17 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv)
+    try:
+        parser = build_parser(argv)  # imports the command's module
+    except ImportError as exc:
+        print(f"dsv32-serve {argv[0]}: {_one_line(exc)}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2
-    module = importlib.import_module(COMMANDS[args.command][0])
     try:
+        module = importlib.import_module(COMMANDS[args.command][0])
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         return 130
@@ -58,10 +89,19 @@ def main(argv: list[str] | None = None) -> int:
         # A config or checkpoint we cannot serve: one line, not a traceback. Only a command
         # that imported the engine can raise ConfigError, so the others never import it.
         config = sys.modules.get("dsv32_engine.config")
-        if config is None or not isinstance(exc, config.ConfigError):
+        known = isinstance(exc, _ONE_LINE) or (config is not None and isinstance(exc, config.ConfigError))
+        if not known or os.environ.get("DSV32_TRACEBACK", "") not in ("", "0"):
             raise
-        print(f"dsv32-serve {args.command}: {exc}", file=sys.stderr)
+        print(f"dsv32-serve {args.command}: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: Exception) -> str:
+    if isinstance(exc, ModuleNotFoundError):
+        return f"missing optional dependency {exc.name!r} (pip install it; see requirements.txt)"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -28,26 +28,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn (DeepSeek-V3.2 encoding)")
     p.add_argument("--thinking", action="store_true", help="thinking mode (with --chat)")
     p.add_argument("--session", default="", help="session id (multi-turn affinity; --target only)")
+    p.add_argument("--tools", default=None, metavar="FILE",
+                   help="JSON list of OpenAI tools (with --chat --target): parsed tool calls are printed")
     p.add_argument("--numerics", choices=["exact", "fp8"], default="exact")
     add_sampling_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.target:
-        from dsv32_router.client import GenerateError, stream_generate
+        import json
+
+        from dsv32_router.client import GenerateError, stream_responses
 
         messages = [{"role": "user", "content": args.prompt}] if args.chat else None
+        tools = json.loads(open(args.tools).read()) if args.tools else None
+        calls: dict[int, list[str]] = {}
         try:
-            for delta in stream_generate(args.target, None if args.chat else args.prompt, messages=messages,
-                                         thinking=args.thinking, temperature=args.temperature, top_p=args.top_p,
-                                         top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
-                                         ignore_eos=args.ignore_eos, session_id=args.session):
-                sys.stdout.write(delta)
+            for msg in stream_responses(args.target, None if args.chat else args.prompt, messages=messages,
+                                        thinking=args.thinking, temperature=args.temperature, top_p=args.top_p,
+                                        top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
+                                        ignore_eos=args.ignore_eos, session_id=args.session, tools=tools):
+                if msg.reasoning_content:  # thinking mode: the reasoning on stderr, the answer on stdout
+                    sys.stderr.write(msg.reasoning_content)
+                    sys.stderr.flush()
+                sys.stdout.write(msg.text)
                 sys.stdout.flush()
+                for c in msg.tool_calls:
+                    calls.setdefault(c.index, [c.name, ""])[1] += c.arguments
         except GenerateError as e:
             print(f"\ngenerate: {e}", file=sys.stderr)
             return 1
         sys.stdout.write("\n")
+        for name, arguments in calls.values():
+            print(f"tool call: {name}({arguments})")
         return 0
     from dsv32_engine.llm import LLM
     from dsv32_engine.sampling_params import SamplingParams

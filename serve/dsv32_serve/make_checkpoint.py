@@ -12,12 +12,12 @@ from dsv32_engine.checkpoint_maker import PRESETS, make_checkpoint
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    src.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size")
     src.add_argument("--config", help="a config.json to use instead of a preset")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--dtype", choices=["bf16", "fp8", "fp32"], default="bf16")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-mb", type=int, default=64, help="maximum shard size")
+    p.add_argument("--dtype", choices=["bf16", "fp8", "fp32"], default="bf16", help="weight dtype on disk")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights (same seed, same checkpoint)")
+    p.add_argument("--shard-mb", type=int, default=64, help="maximum shard size, MiB")
     p.add_argument("--no-mtp", action="store_true", help="leave out the MTP layer")
 
 

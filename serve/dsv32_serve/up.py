@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -42,8 +43,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dsv32_cluster.procs import ChildDied, RoleProcess, cli_argv, stop_all
+from dsv32_cluster import auth
 from dsv32_cluster.redis_server import RedisServer
 from dsv32_cluster.runtime import add_engine_arguments, engine_argv
+from dsv32_cluster.telemetry import EXPORTERS
 from dsv32_cluster.state import DEFAULT_PREFIX, ClusterState
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,6 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-prefix", default=DEFAULT_PREFIX)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="router port (0 = any free port)")
+    p.add_argument("--http-port", type=int, default=-1,
+                   help="router's OpenAI-compatible HTTP port (0 = any free port, -1 = off); printed as `http URL`")
     engine = p.add_argument_group("engine (of every worker; one not given is the worker's default or its DSV32_ "
                                   "variable; --numerics also goes to the router)")
     add_engine_arguments(engine, from_env=False, skip=("model",))
@@ -74,9 +79,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-arg", action="append", default=[], help="extra prefill worker flag (repeatable)")
     p.add_argument("--decode-arg", action="append", default=[], help="extra decode worker flag (repeatable)")
     p.add_argument("--colocated-arg", action="append", default=[], help="extra colocated worker flag (repeatable)")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics of every process: the router on "
+                   "this port, then each worker (each EP rank) on the next ones, printed at start (0 = off)")
+    p.add_argument("--otel-exporter", default=None, choices=EXPORTERS,
+                   help="tracing exporter of every process (default: each one's DSV32_OTEL_EXPORTER, else none)")
+    p.add_argument("--otel-sample-ratio", type=float, default=None, help="share of requests traced, 0..1 (default 1)")
     p.add_argument("--log-dir", default=None, help="where the processes' logs go (default: a temp dir)")
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL at shutdown")
+    p.add_argument("--api-token", default=os.environ.get("DSV32_API_TOKEN", ""),
+                   help="public API bearer token; 'auto' makes one and prints how clients pass it (default: "
+                        "$DSV32_API_TOKEN, else none). The internal plane and Redis always get secrets of their own")
 
 
 class Cluster:
@@ -87,14 +100,64 @@ class Cluster:
         self.children: list[RoleProcess] = []
         self.redis: RedisServer | None = None
         self.stopping = False
+        self.secret_env: dict[str, str] = {}  # see secrets()
+        self.argvs: dict[str, tuple[list[str], dict]] = {}  # name -> (argv, env): what a restart runs
+        self.started_at: dict[str, float] = {}
+        self.restarts: dict[str, tuple[int, float | None]] = {}  # name -> (restarts so far, restart due at)
+        self.metrics_ports: dict[str, int] = {}
+        """Process name (a worker id, ``-ep<R>`` for EP ranks, or ``router``) -> its /metrics port."""
 
     # -- starting --------------------------------------------------------------------
     def spawn(self, name: str, argv: list[str]) -> RoleProcess:
-        env = dict(os.environ)
+        env = {**os.environ, **self.secret_env}
         env.setdefault("OMP_NUM_THREADS", "1")
         child = RoleProcess(name, argv, self.log_dir / f"{name}.log", env)
         self.children.append(child)
+        self.argvs[name] = (argv, env)
+        self.started_at[name] = time.monotonic()
         return child
+
+    def secrets(self, redis_url: str) -> None:
+        """A local cluster's secrets, made here unless given: the internal-plane token (router ↔ workers,
+        worker registrations), the Redis URL (with our redis-server's password), and with
+        ``--api-token auto`` the public API token, printed with how clients pass it."""
+        env = self.secret_env  # added to the children's environment only (this process may be a library user)
+        env["DSV32_REDIS_URL"] = redis_url
+        env[auth.INTERNAL_ENV] = os.environ.get(auth.INTERNAL_ENV) or secrets.token_hex(16)
+        if self.args.api_token == "auto":
+            env[auth.API_ENV] = secrets.token_hex(16)
+            print(f"up: the API needs a token; clients: export {auth.API_ENV}={env[auth.API_ENV]} "
+                  "(gRPC metadata authorization: Bearer <token>)", file=sys.stderr, flush=True)
+        elif self.args.api_token:
+            env[auth.API_ENV] = self.args.api_token
+
+    # -- supervision (once ready) ----------------------------------------------------------
+    def supervise(self) -> None:
+        """Restart what died: our redis-server on its port at once (workers and routers reconnect and
+        re-register), a role process after a backoff (1 s, doubling to 30 s; reset after 60 s up). The rest
+        of the cluster keeps serving meanwhile: the router retries on the workers still registered."""
+        if self.redis is not None and self.redis.proc is not None and self.redis.proc.poll() is not None:
+            print(f"up: redis-server exited ({self.redis.proc.returncode}); restarting it on port "
+                  f"{self.redis.port}", file=sys.stderr, flush=True)
+            self.redis.start()
+        now = time.monotonic()
+        for i, c in enumerate(self.children):
+            code = c.exited()
+            if code is None:
+                if now - self.started_at[c.name] > 60:
+                    self.restarts.pop(c.name, None)
+                continue
+            count, not_before = self.restarts.get(c.name, (0, None))
+            if not_before is None:
+                delay = min(30.0, 2.0 ** count)
+                print(f"up: {c.name} exited ({code}); restarting it in {delay:g}s", file=sys.stderr, flush=True)
+                self.restarts[c.name] = (count, now + delay)
+            elif now >= not_before:
+                argv, env = self.argvs[c.name]
+                self.children[i] = RoleProcess(c.name, argv, c.log, env)
+                self.started_at[c.name] = now
+                self.restarts[c.name] = (count + 1, None)
+                print(f"up: {c.name} restarted (pid {self.children[i].pid})", file=sys.stderr, flush=True)
 
     def start(self) -> str:
         a = self.args
@@ -102,12 +165,19 @@ class Cluster:
         if a.redis_url:
             redis_url, suffix = a.redis_url, "-" + uuid.uuid4().hex[:4]
         else:
-            self.redis = RedisServer(host="127.0.0.1", workdir=str(self.log_dir / "redis"), die_with_parent=True)
+            self.redis = RedisServer(host="127.0.0.1", workdir=str(self.log_dir / "redis"), die_with_parent=True,
+                                     password=secrets.token_hex(16))
             (self.log_dir / "redis").mkdir(exist_ok=True)
             redis_url, suffix = self.redis.start().url, ""
-        common = ["--model", model, "--redis-url", redis_url, "--redis-prefix", a.redis_prefix, "--host", a.host]
+        self.secrets(redis_url)  # the processes inherit them through the environment, not their command lines
+        common = ["--model", model, "--redis-prefix", a.redis_prefix, "--host", a.host]
         if a.numerics is not None:  # the router validates requests against it too
             common += ["--numerics", a.numerics]
+        if a.otel_exporter is not None:
+            common += ["--otel-exporter", a.otel_exporter]
+        if a.otel_sample_ratio is not None:
+            common += ["--otel-sample-ratio", str(a.otel_sample_ratio)]
+        next_metrics_port = a.metrics_port + 1
         engine = engine_argv(a, skip=("model", "numerics"))
         if a.enable_fault_injection:
             engine.append("--enable-fault-injection")
@@ -119,13 +189,25 @@ class Cluster:
         for role, extra in ((r, extras[r]) for r in workers):
             ep_flags = ["--ep-size", str(ep[role])] if ep[role] > 1 else []
             for wid in workers[role]:
+                metrics_flags = []
+                if a.metrics_port:  # rank R of an EP group serves on the given port + R
+                    metrics_flags = ["--metrics-port", str(next_metrics_port)]
+                    self.metrics_ports.update({f"{wid}-ep{r}" if ep[role] > 1 else wid: next_metrics_port + r
+                                               for r in range(ep[role])})
+                    next_metrics_port += ep[role]
                 self.spawn(wid, [role, *common, *engine, *ep_flags, "--port", "0", "--worker-id", wid,
-                                 "--exit-with-parent", *extra])
+                                 "--exit-with-parent", *metrics_flags, *extra])
                 ids.setdefault(role, []).extend([f"{wid}-ep{r}" for r in range(ep[role])] if ep[role] > 1 else [wid])
         ready_file = self.log_dir / "router.ready"
         ready_file.unlink(missing_ok=True)
+        router_metrics = ["--metrics-port", str(a.metrics_port)] if a.metrics_port else []
+        if a.metrics_port:
+            self.metrics_ports["router"] = a.metrics_port
+        router_http = ["--http-port", str(a.http_port)] if a.http_port >= 0 else []
         self.spawn("router", ["router", *common, "--port", str(a.port), "--ready-file", str(ready_file),
-                              *a.router_arg])
+                              *router_metrics, *router_http, *a.router_arg])
+        for name, port in self.metrics_ports.items():
+            print(f"up: metrics {name} http://{a.host}:{port}/metrics", file=sys.stderr, flush=True)
         print(f"up: redis {redis_url}, logs in {self.log_dir}", file=sys.stderr, flush=True)
         return self.wait_ready(ClusterState.from_url(redis_url, a.redis_prefix), ids, ready_file)
 
@@ -226,8 +308,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         endpoint = cluster.start()
         print(f"ready {endpoint}", flush=True)
+        if args.http_port >= 0:  # the router wrote it before its ready file
+            http = (cluster.log_dir / "router.ready.http").read_text().strip()
+            print(f"http http://{http}/v1", flush=True)
         while not cluster.stopping:
-            cluster.check_children()
+            cluster.supervise()
             time.sleep(0.2)
     except KeyboardInterrupt:
         pass

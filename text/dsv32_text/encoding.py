@@ -1,4 +1,4 @@
-"""DeepSeek-V3.2 chat encoding and completion parser (deepseek_v32_spec.md §10-11).
+"""DeepSeek-V3.2 chat encoding and completion parser (docs/deepseek_v32_spec.md §10-11).
 
 V3.2 ships no Jinja template: the prompt is built in code, and tool calls use
 the DSML markup (``<｜DSML｜invoke name=...>``). Both directions are

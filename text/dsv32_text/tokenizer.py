@@ -4,7 +4,7 @@ The router tokenizes prompts and detokenizes streams without importing torch,
 so this module depends on the ``tokenizers`` Rust library only (no
 ``transformers``). ``tokenizer_config.json`` in real checkpoints declares
 ``LlamaTokenizerFast``, which would strip spaces if taken literally
-(deepseek_v32_spec.md §9); we always load ``tokenizer.json`` as a plain
+(docs/deepseek_v32_spec.md §9); we always load ``tokenizer.json`` as a plain
 byte-level BPE tokenizer instead.
 
 Where the vocabulary comes from, in order:

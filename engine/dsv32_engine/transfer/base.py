@@ -33,9 +33,10 @@ class KVSenderProtocol(Protocol[H]):
     worker_id: str
 
     def begin(self, transfer_id: str, endpoint: str, decode_id: str, src_pages: list[int],
-              num_layers: int | None = None) -> H:
+              num_layers: int | None = None, token: str = "") -> H:
         """Start sending ``src_pages`` of every layer (or the first ``num_layers``) to the receiver at
-        ``endpoint``, which is decode worker ``decode_id``. Non-blocking."""
+        ``endpoint``, which is decode worker ``decode_id``. Non-blocking. ``token``: the transfer's secret
+        as the receiver issued it (the announcement carries a proof of it, never the token)."""
         ...
 
     def send_layer(self, handle: H, layer: int) -> None:
@@ -68,8 +69,10 @@ class KVReceiverProtocol(Protocol):
         """What senders are given to reach this receiver (``HOST:PORT``)."""
         ...
 
-    def expect(self, transfer_id: str, peer_id: str, dst_pages: list[int], num_layers: int | None = None) -> None:
-        """Receive ``transfer_id`` from prefill worker ``peer_id`` into ``dst_pages`` (background)."""
+    def expect(self, transfer_id: str, peer_id: str, dst_pages: list[int], num_layers: int | None = None,
+               token: str = "") -> None:
+        """Receive ``transfer_id`` from prefill worker ``peer_id`` into ``dst_pages`` (background).
+        ``token``: if given, only a sender that proves it knows it is received."""
         ...
 
     def poll(self, transfer_id: str) -> KVPoll:
@@ -83,6 +86,16 @@ class KVReceiverProtocol(Protocol):
 
     def release(self, transfer_id: str) -> None:
         """Forget the transfer; from the return on, nothing writes to its pages."""
+        ...
+
+    def progress_at(self, transfer_id: str) -> float | None:
+        """``time.monotonic()`` of the transfer's last progress; None before any (or if unknown). The decode
+        worker renews a reservation's lease from it."""
+        ...
+
+    @property
+    def healthy(self) -> bool:
+        """False once a thread the receiver cannot work without has died."""
         ...
 
     def close(self) -> None: ...

@@ -132,7 +132,9 @@ def _sender_main(endpoint: str, plan: dict) -> None:
     raw = torch.ones(layout.pages_for(max(c["tokens"] for c in plan["cases"])) * page_bytes * plan["layers"],
                      dtype=torch.uint8)
     mats = (torch.randn(256, 256), torch.randn(256, 256))
-    for i, case in enumerate(plan["cases"]):
+    from ..progress import progress
+
+    for i, case in enumerate(progress(plan["cases"], "bench transfer", "case")):
         n = layout.pages_for(case["tokens"])
         store.wait([f"bench/go/{i}"])
         t0, cpu0 = time.perf_counter(), time.process_time()

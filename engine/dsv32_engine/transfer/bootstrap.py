@@ -10,12 +10,17 @@ at once, without waiting for ``expect``.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
 
 from .pair import ANNOUNCE_QUEUE, Announcement
+
+log = logging.getLogger(__name__)
+MAX_EARLY = 1024
+"""Announcements kept for transfers not expected yet (a flood of them costs memory, nothing more)."""
 
 
 class Claim:
@@ -36,6 +41,7 @@ class BootstrapQueue:
         self._early: dict[str, tuple[Announcement, float]] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self.rejected = 0
         self._thread = threading.Thread(target=self._watch, name="kv-recv-bootstrap", daemon=True)
         self._thread.start()
 
@@ -69,22 +75,38 @@ class BootstrapQueue:
         for claim in claims:
             claim.event.set()
 
+    @property
+    def healthy(self) -> bool:
+        """False once the watcher has died (then no transfer could ever start)."""
+        return self._closed or self._thread.is_alive()
+
     def _watch(self) -> None:
         while not self._closed:
             try:
                 raw = self._store.queue_pop(ANNOUNCE_QUEUE)
             except Exception:  # an hour without announcements, or the store going away
+                if self._closed:
+                    return
+                time.sleep(0.01)  # a store that fails at once must not turn this into a busy loop
                 continue
             if not raw:
                 continue
-            ann = Announcement.decode(raw)
-            with self._lock:
-                claim = self._claims.pop(ann.transfer_id, None)
-                if claim is None:
-                    now = time.monotonic()  # unclaimed announcements are kept for one timeout
-                    self._early = {k: v for k, v in self._early.items() if now - v[1] < self._timeout_s}
-                    self._early[ann.transfer_id] = (ann, now)
-            if claim is not None:
-                claim.announcement = ann
-                claim.event.set()
-            self._on_announcement(ann)
+            try:  # anyone who can reach the store can push here: one bad entry costs that entry only
+                self._deliver(Announcement.decode(raw))
+            except Exception as e:
+                self.rejected += 1
+                log.warning("announcement rejected (%s): %.200r", e, raw)
+
+    def _deliver(self, ann: Announcement) -> None:
+        with self._lock:
+            claim = self._claims.pop(ann.transfer_id, None)
+            if claim is None:
+                now = time.monotonic()  # unclaimed announcements are kept for one timeout, MAX_EARLY at most
+                self._early = {k: v for k, v in self._early.items() if now - v[1] < self._timeout_s}
+                while len(self._early) >= MAX_EARLY:
+                    self._early.pop(next(iter(self._early)))
+                self._early[ann.transfer_id] = (ann, now)
+        if claim is not None:
+            claim.announcement = ann
+            claim.event.set()
+        self._on_announcement(ann)

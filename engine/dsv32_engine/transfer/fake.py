@@ -72,7 +72,8 @@ class FakeKVReceiver:
         self.endpoint = self._hub.register(self, host, port)
         self._incoming: dict[str, _Incoming] = {}
 
-    def expect(self, transfer_id: str, peer_id: str, dst_pages: list[int], num_layers: int | None = None) -> None:
+    def expect(self, transfer_id: str, peer_id: str, dst_pages: list[int], num_layers: int | None = None,
+               token: str = "") -> None:
         with self._hub.lock:
             t = self._incoming.setdefault(transfer_id, _Incoming(transfer_id))
             if t.pages is not None:
@@ -102,6 +103,14 @@ class FakeKVReceiver:
     def release(self, transfer_id: str) -> None:
         with self._hub.lock:
             self._incoming.pop(transfer_id, None)
+
+    def progress_at(self, transfer_id: str) -> float | None:
+        t = self._incoming.get(transfer_id)
+        return t.status.t_progress if t is not None else None
+
+    @property
+    def healthy(self) -> bool:
+        return True  # no threads of its own
 
     def close(self) -> None:
         self._hub.unregister(self.endpoint)
@@ -170,7 +179,7 @@ class FakeKVSender:
         self._faults = FaultPlan(fault or "")
 
     def begin(self, transfer_id: str, endpoint: str, decode_id: str, src_pages: list[int],
-              num_layers: int | None = None) -> FakeSendHandle:
+              num_layers: int | None = None, token: str = "") -> FakeSendHandle:
         receiver = self._hub.lookup(endpoint)
         if receiver.worker_id != decode_id:
             raise PeerUnreachable(f"{endpoint} is {receiver.worker_id}, not {decode_id}")

@@ -40,6 +40,10 @@ class SendIssuer:
             raise transfer_error(self._error)  # a copy: a raised one would hold its frames (and the group)
         self._queue.put((buf, tag, staging))
 
+    def extend(self, deadline: float) -> None:
+        """Progress was made: every later wait is bounded by ``deadline`` (never earlier than before)."""
+        self._deadline = max(self._deadline, deadline)
+
     def finish(self) -> None:
         """Every message is queued: wait until all are sent. Raises ``TransferError``."""
         self._queue.put(None)

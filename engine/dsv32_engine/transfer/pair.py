@@ -17,11 +17,13 @@ All keys live on the decode worker's TCPStore:
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import timedelta
 
 import torch
@@ -81,13 +83,40 @@ class Announcement:
     backend: str
     ordered: bool
     chunk_pages: int
+    proof: str = ""
+    """HMAC-SHA256 of the fields above under the transfer's token (which the decode worker issued and only
+    the router and this sender know); empty without a token."""
+
+    def signed(self, token: str) -> Announcement:
+        return replace(self, proof=self.expected_proof(token)) if token else self
+
+    def expected_proof(self, token: str) -> str:
+        fields_ = asdict(self)
+        fields_.pop("proof")
+        return hmac.new(token.encode(), json.dumps(fields_, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+    def proves(self, token: str) -> bool:
+        """True if made by a sender that knows ``token`` (always, without a token)."""
+        return not token or hmac.compare_digest(self.proof, self.expected_proof(token))
 
     def encode(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def decode(cls, raw: bytes | str) -> Announcement:
-        return cls(**json.loads(raw))
+        """Parse and check one queue entry; ``ValueError`` for anything that is not a well-formed announcement
+        (the queue is writable by whoever reaches the store)."""
+        if len(raw) > 4096:
+            raise ValueError(f"announcement of {len(raw)} bytes")
+        d = json.loads(raw)
+        types = {f.name: f.type for f in fields(cls)}
+        if not isinstance(d, dict) or set(d) != set(types):
+            raise ValueError("announcement fields do not match")
+        for k, v in d.items():
+            want = {"str": str, "int": int, "bool": bool}[types[k]]
+            if type(v) is not want or (want is int and not 0 <= v < 1 << 31):
+                raise ValueError(f"announcement field {k}: {v!r}")
+        return cls(**d)
 
 
 def backend_for(device: torch.device) -> str:
@@ -108,9 +137,31 @@ def local_address_towards(host: str, port: int) -> str:
         return s.getsockname()[0]
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host`` only (TCPStore itself would listen on every interface)."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = "::" if host in ("::", "[::]") else "0.0.0.0"
+    infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(addr)
+    sock.listen(512)
+    return sock
+
+
 def host_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
-    return dist.TCPStore(host, port, None, is_master=True, timeout=timedelta(seconds=timeout_s),
-                         wait_for_workers=False)
+    """The receiver's store, listening on ``host`` only (the store owns the socket from then on)."""
+    sock = listen_socket(host, port)
+    try:
+        store = dist.TCPStore(host or "0.0.0.0", sock.getsockname()[1], None, is_master=True,
+                              timeout=timedelta(seconds=timeout_s), wait_for_workers=False,
+                              master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()
+    return store
 
 
 def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:

@@ -17,6 +17,10 @@ from .pair import (SENDER_RANK, Announcement, PairGroup, backend_for, build_grou
 from .state import KVPoll, TransferResult, TransferState, TransferThreads
 
 
+MAX_PREBUILDS = 16
+"""Pair groups joined at once on an announcement, at most this many at a time."""
+
+
 class _Expected:
     """One transfer on the receiver side."""
 
@@ -27,7 +31,9 @@ class _Expected:
         # (So data always lands in staging buffers first: a receive posted into the pages could not be recalled.)
         self.lock = threading.Lock()
         self.released = False
+        self.released_at = 0.0
         self.claim = None
+        self.token = ""
 
 
 class _Peer:
@@ -49,8 +55,15 @@ class KVReceiver:
     """
 
     def __init__(self, cache, host: str, port: int, worker_id: str, timeout_s: float = 30,
-                 window_bytes: int = 32 << 20, ordered: bool | None = None):
+                 window_bytes: int = 32 << 20, ordered: bool | None = None, require_auth: bool = False,
+                 announce_timeout_s: float | None = None):
         self.worker_id = worker_id
+        self.announce_timeout_s = timeout_s if announce_timeout_s is None else announce_timeout_s
+        """How long an expected transfer waits for its announcement (the sender's prompt may be queued);
+        a released one waits ``timeout_s`` more at most (to drain a sender that still sends)."""
+        self.require_auth = require_auth
+        """Only expected, authenticated announcements make this receiver join a pair group (a decode worker:
+        its store is reachable by more than its prefill workers); else any announcement does, at once."""
         self.timeout_s = timeout_s
         self._pages = CachePages(cache)
         self._backend = backend_for(self._pages.device)
@@ -65,13 +78,15 @@ class KVReceiver:
         self._lock = threading.Lock()
         self._closed = False
         self._threads = TransferThreads(self)
+        self._prebuilds = threading.BoundedSemaphore(MAX_PREBUILDS)
         self._bootstrap = BootstrapQueue(self._store, timeout_s, self._on_announcement)
 
     @property
     def endpoint(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def expect(self, transfer_id: str, peer_id: str, dst_pages: list[int], num_layers: int | None = None) -> None:
+    def expect(self, transfer_id: str, peer_id: str, dst_pages: list[int], num_layers: int | None = None,
+               token: str = "") -> None:
         """Receive ``transfer_id`` from prefill worker ``peer_id`` into ``dst_pages`` of every layer (background)."""
         if self._closed:
             raise TransferClosed("KVReceiver is closed")
@@ -79,6 +94,9 @@ class KVReceiver:
         if not 0 < num_layers <= self._pages.num_layers:
             raise ValueError(f"num_layers={num_layers} but the cache has {self._pages.num_layers}")
         t = _Expected(transfer_id, peer_id, self._pages.page_set(dst_pages), num_layers)
+        t.token = token
+        if self.require_auth and not token:
+            raise ValueError(f"transfer {transfer_id}: this receiver requires a token")
         with self._lock:
             if transfer_id in self._transfers:
                 raise ValueError(f"transfer {transfer_id} is already expected")
@@ -88,6 +106,11 @@ class KVReceiver:
 
     def poll(self, transfer_id: str) -> KVPoll:
         return self._get(transfer_id).status.state
+
+    def progress_at(self, transfer_id: str) -> float | None:
+        """``time.monotonic()`` of the transfer's last progress (None before its group was ready, or unknown)."""
+        t = self._transfers.get(transfer_id)
+        return t.status.t_progress if t is not None else None
 
     def wait(self, transfer_id: str, timeout_s: float) -> TransferResult:
         """Block until the pages have landed and the checksum matched; raise ``TransferError`` otherwise
@@ -101,6 +124,12 @@ class KVReceiver:
         if t is not None:
             with t.lock:
                 t.released = True
+                t.released_at = time.monotonic()
+
+    @property
+    def healthy(self) -> bool:
+        """The bootstrap thread is alive (without it no transfer would ever start)."""
+        return self._closed or self._bootstrap.healthy
 
     def pair_generation(self, peer_id: str) -> int | None:
         """The generation of the live group with a prefill worker (observability and tests)."""
@@ -165,27 +194,43 @@ class KVReceiver:
         A released transfer keeps waiting: if its sender still sends, the data is drained rather than left
         pending until the sender's wait times out, which would close the pair for every transfer on it.
         """
-        ann = self._bootstrap.wait(t.transfer_id, t.claim, self.timeout_s)
+        end = time.monotonic() + self.announce_timeout_s
+        while not t.claim.event.wait(min(0.25, max(0.0, end - time.monotonic()))):
+            if t.released:
+                end = min(end, t.released_at + self.timeout_s)
+            if self._closed or time.monotonic() >= end:
+                break
+        ann = self._bootstrap.wait(t.transfer_id, t.claim, 0)
         if ann is None:
             if self._closed:
                 raise TransferClosed("receiver closed")
-            raise TransferTimeout(f"no announcement from {t.peer_id} within {self.timeout_s}s")
+            raise TransferTimeout(f"no announcement from {t.peer_id} within {self.announce_timeout_s}s")
         return ann
 
     def _on_announcement(self, ann: Announcement) -> None:
         """Join a new generation's group at once: the sender is waiting for us in its rendezvous."""
+        if self.require_auth:
+            t = self._transfers.get(ann.transfer_id)
+            if t is None or t.peer_id != ann.prefill_id or not ann.proves(t.token):
+                return  # its transfer (if any) fails on its own; nobody else's group is touched
         peer = self._peers.get(ann.prefill_id)
         if (peer is None or ann.gen > peer.max_gen) and (ann.backend, ann.ordered) == (self._backend, self._ordered):
-            self._threads.start(self._prebuild, ann, f"kv-recv-join-{ann.prefill_id}")
+            # bounded: a flood of announcements (the store is reachable by anyone) costs no more threads
+            if self._prebuilds.acquire(blocking=False):
+                self._threads.start(self._prebuild, ann, f"kv-recv-join-{ann.prefill_id}")
 
     def _prebuild(self, ann: Announcement) -> None:
         try:
             self._group_for(ann, time.monotonic() + self.timeout_s)
         except Exception:
             pass  # the transfers that need this group report the failure
+        finally:
+            self._prebuilds.release()
 
     def _mismatch(self, t: _Expected, ann: Announcement) -> GeometryMismatch | None:
         """Why the announced data cannot go into the expected pages, or None. Raises if it cannot even be drained."""
+        if not ann.proves(t.token):
+            raise TransferError(f"announcement for {t.transfer_id} is not authenticated (wrong transfer token)")
         if ann.prefill_id != t.peer_id or ann.backend != self._backend or ann.ordered != self._ordered:
             raise TransferError(f"announcement from {ann.prefill_id} ({ann.backend}, ordered={ann.ordered}) does not "
                                 f"match: expected {t.peer_id} ({self._backend}, ordered={self._ordered})")
@@ -250,6 +295,7 @@ class KVReceiver:
         for i in range(len(messages)):
             layer, part, c, work, base, buf = posted.popleft()
             wait_work(work, deadline)
+            deadline = time.monotonic() + self.timeout_s  # renewed on progress: the sender computes as it sends
             if i + window < len(messages):
                 post(i + window)
             checksum.update(buf)

@@ -76,7 +76,7 @@ class KVSender:
         self._faults = FaultPlan(fault if fault is not None else os.environ.get(FAULT_ENV, ""))
 
     def begin(self, transfer_id: str, endpoint: str, decode_id: str, src_pages: list[int],
-              num_layers: int | None = None) -> SendHandle:
+              num_layers: int | None = None, token: str = "") -> SendHandle:
         """Start a transfer of ``src_pages`` (all layers) to the decode worker at ``endpoint``. Non-blocking."""
         if self._closed:
             raise TransferClosed("KVSender is closed")
@@ -88,6 +88,7 @@ class KVSender:
         pages = self._pages.page_set(src_pages)
         chunk_pages = pages_per_chunk(len(pages), self._pages.latent_page_bytes, self._chunk_bytes)
         h = SendHandle(transfer_id, pair, pages, num_layers, chunk_pages, self.timeout_s)
+        h.token = token
         self._threads.start(self._run, h, f"kv-send-{transfer_id}")
         return h
 
@@ -101,6 +102,8 @@ class KVSender:
             event = torch.cuda.Event()
             event.record()
         handle.t_last_layer = time.perf_counter()
+        # progress renews the bound: a long prompt's layers may take longer than timeout_s all together
+        handle.deadline = max(handle.deadline, time.monotonic() + self.timeout_s)
         handle._layers.put((layer, event))
 
     def finish(self, handle: SendHandle, timeout_s: float) -> TransferResult:
@@ -169,7 +172,7 @@ class KVSender:
                 seq = 0 if fresh else pair.group.next_seq
                 ann = Announcement(h.transfer_id, self.worker_id, gen, seq, h.num_layers, len(h.pages),
                                    self._pages.latent_page_bytes, self._pages.index_page_bytes, self._backend,
-                                   self._ordered, h.chunk_pages)
+                                   self._ordered, h.chunk_pages).signed(h.token)
                 # Announce before building: the receiver joins the group only once it has read this.
                 pair.store.queue_push(ANNOUNCE_QUEUE, ann.encode())
                 if fresh:
@@ -198,7 +201,7 @@ class KVSender:
         window = max(2, self._window_bytes // (h.chunk_pages * self._pages.page_bytes // len(parts)))
         issuer = SendIssuer(group.pg, RECEIVER_RANK, window, h.deadline, self._staging.give,
                             (lambda: group.pass_turn(seq)) if group.ordered else None)
-        checksum, last = Checksum(), h.num_layers - 1
+        checksum, last, checksum_s = Checksum(), h.num_layers - 1, 0.0
         try:
             for _ in range(h.num_layers):
                 try:
@@ -206,6 +209,7 @@ class KVSender:
                 except queue.Empty:
                     raise TransferTimeout(
                         f"layer {h._next_layer} was not handed over within {self.timeout_s}s") from None
+                issuer.extend(h.deadline)
                 if layer == 0 and group.ordered:
                     group.take_turn(seq, h.deadline)
                 h.status.advance(KVPoll.TRANSFERRING)
@@ -218,7 +222,9 @@ class KVSender:
                         staging = None if sub.run_start is not None else self._staging.take(
                             len(sub) * pool.shape[1], pool.device)
                         buf = sub.gather(pool, staging)
+                        t0 = time.perf_counter()
                         checksum.update(buf)
+                        checksum_s += time.perf_counter() - t0
                         if fault and c == 0 and part == corrupt_part(fault, len(pools)):
                             buf = _flip_first_byte(buf)
                         issuer.put(buf, tag(seq, layer, part, c), staging)
@@ -230,7 +236,7 @@ class KVSender:
         issuer.finish()
         t_done = time.perf_counter()
         return TransferResult(h.transfer_id, len(h.pages) * self._pages.page_bytes * h.num_layers,
-                              checksum.hexdigest(), t_done - h.status.t_start, t_done - h.t_last_layer)
+                              checksum.hexdigest(), t_done - h.status.t_start, t_done - h.t_last_layer, checksum_s)
 
 
 def _flip_first_byte(buf: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,8 @@ class TransferResult:
     """Sender: ``begin`` to the last send completing. Receiver: ``expect`` to the last page landing."""
     wait_after_last_layer_s: float = 0.0
     """Sender only: from the last ``send_layer`` call to every send completing."""
+    checksum_s: float = 0.0
+    """Sender only: time spent computing the checksum."""
 
 
 class TransferState:
@@ -45,6 +47,8 @@ class TransferState:
         self.transfer_id = transfer_id
         self.t_start = time.perf_counter()
         self._state = KVPoll.BOOTSTRAPPING
+        self.t_progress: float | None = None
+        """``time.monotonic()`` of the last sign of life (the group ready, a message landed); None before."""
         self._error: TransferError | None = None
         self._result: TransferResult | None = None
         self._done = threading.Event()
@@ -58,8 +62,11 @@ class TransferState:
         return self._error
 
     def advance(self, state: KVPoll) -> None:
-        if not self._done.is_set() and state > self._state:
-            self._state = state
+        """Move on to ``state`` (or stay); either way, progress was made now (see ``t_progress``)."""
+        if not self._done.is_set():
+            self.t_progress = time.monotonic()
+            if state > self._state:
+                self._state = state
 
     def succeed(self, result: TransferResult) -> None:
         if not self._done.is_set():

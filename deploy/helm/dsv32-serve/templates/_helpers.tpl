@@ -54,11 +54,19 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- default (printf "%s:" .Release.Name) .Values.redis.prefix }}
 {{- end }}
 
-{{/* DSV32_REDIS_URL as an env entry (a literal, or from a Secret). */}}
+{{/* DSV32_REDIS_URL as an env entry (the in-chart Redis with its password, a literal, or from a Secret). */}}
 {{- define "dsv32.redisUrlEnv" -}}
+{{- if .Values.redis.enabled }}
+# the in-chart Redis asks for a password (from the auth Secret); the kubelet expands $(REDIS_PASSWORD)
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "dsv32.authSecretName" . }}
+      key: redis-password
+{{- end }}
 - name: DSV32_REDIS_URL
 {{- if .Values.redis.enabled }}
-  value: {{ printf "redis://%s:%d/0" (include "dsv32.componentName" (dict "root" . "component" "redis")) (int .Values.redis.port) | quote }}
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:%d/0" (include "dsv32.componentName" (dict "root" . "component" "redis")) (int .Values.redis.port) | quote }}
 {{- else if .Values.redis.externalUrlSecret.name }}
   valueFrom:
     secretKeyRef:
@@ -71,7 +79,7 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 
 {{/* Flags the chart sets itself: a role's `config` may not hold them. */}}
 {{- define "dsv32.managedFlags" -}}
-model numerics served_model_name host port advertise_host worker_id redis_url redis_prefix metrics_port transfer_port device log_level otel_exporter ready_file exit_with_parent
+model numerics served_model_name host port http_port advertise_host worker_id redis_url redis_prefix metrics_port transfer_port device log_level otel_exporter ready_file exit_with_parent
 {{- end }}
 
 {{/* The env of a role's main container. Call with (dict "root" $ "role" "prefill" "v" .Values.prefill). */}}
@@ -87,6 +95,7 @@ model numerics served_model_name host port advertise_host worker_id redis_url re
 - name: DSV32_PORT
   value: {{ .v.port | quote }}
 {{ include "dsv32.redisUrlEnv" $root }}
+{{ include "dsv32.authEnv" $root }}
 - name: DSV32_REDIS_PREFIX
   value: {{ include "dsv32.redisPrefix" $root | quote }}
 - name: DSV32_METRICS_PORT
@@ -96,6 +105,8 @@ model numerics served_model_name host port advertise_host worker_id redis_url re
 - name: DSV32_OTEL_EXPORTER
   value: {{ $root.Values.otelExporter | quote }}
 {{- if eq .role "router" }}
+- name: DSV32_HTTP_PORT
+  value: {{ .v.httpPort | quote }}
 {{- with $root.Values.model.servedModelName }}
 - name: DSV32_SERVED_MODEL_NAME
   value: {{ . | quote }}

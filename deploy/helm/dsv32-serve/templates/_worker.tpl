@@ -39,7 +39,7 @@ spec:
       {{- end }}
     spec:
       enableServiceLinks: false
-      automountServiceAccountToken: false
+      {{- include "dsv32.podServiceAccount" $root | nindent 6 }}
       terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
       {{- with $root.Values.imagePullSecrets }}
       imagePullSecrets:
@@ -91,8 +91,10 @@ spec:
             {{- include "dsv32.grpcProbe" (dict "port" $v.port "p" $v.probes.startup) | nindent 12 }}
           readinessProbe:
             {{- include "dsv32.grpcProbe" (dict "port" $v.port "p" $v.probes.readiness) | nindent 12 }}
+          # NOT_SERVING once the engine loop has had work and taken no step for --liveness-timeout
           livenessProbe:
-            {{- include "dsv32.grpcProbe" (dict "port" $v.port "p" $v.probes.liveness) | nindent 12 }}
+            {{- include "dsv32.grpcServiceProbe" (dict "port" $v.port "service" "dsv32.worker.v1.EngineLoop"
+                "p" $v.probes.liveness) | nindent 12 }}
           resources:
             {{- include "dsv32.workerResources" (dict "root" $root "resources" $v.resources "gpus" $gpus) | nindent 12 }}
           securityContext:
@@ -101,8 +103,10 @@ spec:
             - name: models
               mountPath: {{ $root.Values.model.mountPath }}
               readOnly: true
+            {{- include "dsv32.shmMount" $root | nindent 12 }}
       volumes:
         {{- include "dsv32.modelVolume" $root | nindent 8 }}
+        {{- include "dsv32.shmVolume" $root | nindent 8 }}
       {{- $nodeSelector := $v.nodeSelector }}
       {{- if $root.Values.gpu.enabled }}
       {{- $nodeSelector = merge (deepCopy (default dict $v.nodeSelector)) $root.Values.gpu.nodeSelector }}
