@@ -25,6 +25,7 @@ from .parallel import EPConfig, EPGroup
 from .model import DeepseekV32ForCausalLM, ForwardBatch, SeqSpan, resolve_backend
 from .sampler import sample, top_logprobs
 from .sampling_params import SamplingParams
+from .scripted import ScriptedOutput
 from .scheduler import Request, ScheduledChunk, Scheduler
 from .weights import load_weights, resident_weight_bytes
 
@@ -101,6 +102,7 @@ class EngineCore:
         from dsv32_text.tokenizer import load_tokenizer
         self.tokenizer = load_tokenizer(self.model_dir)
         self.sampleable_vocab = min(cfg.vocab_size, self.tokenizer.vocab_size)
+        self._script = ScriptedOutput.from_env(self.tokenizer, cfg.eos_token_id)
         self.max_model_len = min(cfg.max_position_embeddings, max_model_len or cfg.max_position_embeddings)
         from dsv32_text.generation_config import GenerationConfig
         self.generation_defaults = GenerationConfig.from_dir(model_dir).sampling_defaults()
@@ -283,6 +285,9 @@ class EngineCore:
         for b, g in enumerate(grammars):  # structured output: rows of constrained requests only
             if g is not None:
                 g.mask_(logits[b])
+        if self._script is not None:  # test-only: a fixed answer (scripted.py)
+            for b, r in enumerate(reqs):
+                self._script.mask_(logits[b], len(r.output_ids))
         ids, _ = sample(logits, [r.params for r in reqs], [r.seed for r in reqs], [r.num_tokens for r in reqs], False)
         for g, tok in zip(grammars, ids):
             if g is not None:
