@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -284,8 +285,14 @@ def run(args: argparse.Namespace) -> int:
         header = (f"## CPU torch path (no CUDA on this machine): the torch twins at reduced shapes "
                   f"(heads {shapes['H']}, top-k {shapes['topk']}); no kernel was timed and there is no roofline")
     rows: list[Row] = []
+    from tqdm import tqdm
+
+    # the engine's progress bars' rule (DSV32_PROGRESS: 1 always, 0 never, unset on a terminal); kernels
+    # import nothing of the project, so the three lines stand here again
+    setting = os.environ.get("DSV32_PROGRESS", "").strip().lower()
+    disable = None if setting == "" else setting in ("0", "false", "no")
     with torch.inference_mode():
-        for op in args.ops:
+        for op in tqdm(args.ops, desc="bench kernels", unit="op", disable=disable, leave=False):
             for case in CASES[op](shapes, device):
                 rows.extend(_rows_for(case, device, iters))
                 del case
