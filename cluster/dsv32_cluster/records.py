@@ -13,6 +13,12 @@ from typing import Any
 
 DEFAULT_RECORD_TTL_S = 24 * 3600
 DEFAULT_ROUTER_TTL_S = 10.0
+DEFAULT_STALE_AFTER_S = 2 * 600.0
+"""A non-terminal record not updated for this long is failed by the reaper even though its router
+lives: 2 × the router's worker timeout (600 s, the bound on one worker call without a client
+deadline), so only a record its router has lost track of is that old. (A client deadline longer
+than this lets one call outlive the bound: its record is then failed while the stream goes on; the
+client's answer is unaffected, the late ``finished`` is refused.)"""
 MAX_RECORDS_INDEXED = 100_000
 
 TERMINAL_STATES = ("finished", "failed", "cancelled")
@@ -92,14 +98,61 @@ def transition_args(keys, request_id: str, new_state: str, record_ttl_s: int,
     return {"keys": [keys.request(request_id), keys.active], "args": args}
 
 
+# KEYS[1] = record, KEYS[2] = active set, KEYS[3] = the liveness key of the record's router; ARGV = now,
+# ttl, request id, stale cutoff (a record last updated before it is stale), states it may be failed from
+# (space separated). Fails the record if it is still in progress and its router is gone or it is stale,
+# all in one step (a record that moved on meanwhile, or finished, is left alone; two reapers at once
+# fail it once). Returns the error written, or false.
+REAP_LUA = """
+local rec = redis.call('HMGET', KEYS[1], 'state', 'updated_at', 'router')
+local cur = rec[1]
+if not cur then redis.call('SREM', KEYS[2], ARGV[3]) return false end
+if not string.find(' ' .. ARGV[5] .. ' ', ' ' .. cur .. ' ', 1, true) then return false end
+local err
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  err = 'router ' .. ((rec[3] and rec[3] ~= '') and rec[3] or '(none)') .. ' gone'
+elseif (tonumber(rec[2]) or 0) < tonumber(ARGV[4]) then
+  err = string.format('stale for %d s', math.floor(tonumber(ARGV[1]) - (tonumber(rec[2]) or 0)))
+else
+  return false
+end
+redis.call('HSET', KEYS[1], 'state', 'failed', 'failed_at', ARGV[1], 'updated_at', ARGV[1], 'error', err)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('SREM', KEYS[2], ARGV[3])
+return err
+"""
+
+
 def router_alive_args(keys, router_id: str, ttl_s: float) -> tuple[str, str, int]:
     """Key, value (now) and TTL in ms of a router's liveness beat."""
     return keys.router(router_id), repr(time.time()), max(1, int(ttl_s * 1000))
 
 
 def orphans_pipe(client, keys, ids: list[str]):
-    """(router, state) of each record in ``ids``: what the reaper decides on."""
+    """(router, state, updated_at) of each record in ``ids``: what the reaper picks candidates by."""
     pipe = client.pipeline(transaction=False)
     for rid in ids:
-        pipe.hmget(keys.request(rid), "router", "state")
+        pipe.hmget(keys.request(rid), "router", "state", "updated_at")
     return pipe
+
+
+def reap_candidates(ids: list[str], rows: list, alive: set[str], now: float,
+                    stale_after_s: float) -> tuple[list[str], list[tuple[str, str]]]:
+    """From :func:`orphans_pipe`'s rows: the ids to drop from the active set (record terminal or
+    expired) and the (id, router) pairs to try :data:`REAP_LUA` on (router not in ``alive``, or not
+    updated for ``stale_after_s``). The script decides again, atomically."""
+    drop, reap = [], []
+    for rid, (router, state, updated) in zip(ids, rows):
+        if state is None or state in TERMINAL_STATES:
+            drop.append(rid)
+        elif router not in alive or now - float(updated or 0) > stale_after_s:
+            reap.append((rid, router or ""))
+    return drop, reap
+
+
+def reap_args(keys, request_id: str, router: str, stale_after_s: float, record_ttl_s: int) -> dict[str, list[str]]:
+    """Arguments of :data:`REAP_LUA`."""
+    now = time.time()
+    return {"keys": [keys.request(request_id), keys.active, keys.router(router)],
+            "args": [repr(now), str(record_ttl_s), request_id, repr(now - stale_after_s),
+                     " ".join(TRANSITIONS["failed"])]}

@@ -76,9 +76,13 @@ chunked into its decode batches; ``prefill_worker`` = ``decode_worker``)
 ``→ decoding`` (its first token has arrived) ``→ finished``.
 
 Records outlive their router only as ``failed``: every router beats its
-liveness key and periodically reaps the active records of routers whose key
-has expired (``error`` = "router ... went away"), so a router crash never
-leaves a request open silently.
+liveness key and every 10 s reaps the active records (``requests:active``)
+whose router's key has expired (``error`` = "router <id> gone") or that have
+not been updated for ``stale_after_s`` (default 2 × the router's 600 s worker
+timeout; ``error`` = "stale for N s"), so neither a router crash nor a record
+its live router lost track of leaves a request open. The check and the write
+are one script (a record that finished meanwhile is left alone; routers that
+reap at once fail a record once).
 
 A worker failure or a checksum mismatch sends the record from any in-progress
 state back to ``queued`` with ``attempts`` incremented (the router retries on
@@ -88,21 +92,24 @@ a late writer can never move a terminal record.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import redis
 import redis.asyncio
 
-from .records import (CREATE_LUA, DEFAULT_RECORD_TTL_S, DEFAULT_ROUTER_TTL_S, MAX_RECORDS_INDEXED, STATES,
-                      TERMINAL_STATES, TRANSITION_LUA, TRANSITIONS, InvalidTransition, create_args, orphans_pipe,
-                      router_alive_args, transition_args)
+from .records import (CREATE_LUA, DEFAULT_RECORD_TTL_S, DEFAULT_ROUTER_TTL_S, DEFAULT_STALE_AFTER_S,
+                      MAX_RECORDS_INDEXED, REAP_LUA, STATES, TERMINAL_STATES, TRANSITION_LUA, TRANSITIONS,
+                      InvalidTransition, create_args, orphans_pipe, reap_args, reap_candidates, router_alive_args,
+                      transition_args)
 from .sessions import DEFAULT_SESSION_TTL_S, turn_pipe
 from .workers import (DEFAULT_PAGE_SIZE, ROLES, WorkerInfo, deregister_pipe, hashes_pipe, heartbeat_pipe,
                       parse_workers)
 
 __all__ = ["DEFAULT_PREFIX", "DEFAULT_HEARTBEAT_TTL_S", "DEFAULT_RECORD_TTL_S", "DEFAULT_SESSION_TTL_S",
-           "DEFAULT_ROUTER_TTL_S", "DEFAULT_PAGE_SIZE", "MAX_RECORDS_INDEXED", "ROLES", "STATES", "TERMINAL_STATES",
-           "TRANSITIONS", "InvalidTransition", "WorkerInfo", "Keys", "ClusterState", "AsyncClusterState"]
+           "DEFAULT_ROUTER_TTL_S", "DEFAULT_STALE_AFTER_S", "DEFAULT_PAGE_SIZE", "MAX_RECORDS_INDEXED", "ROLES",
+           "STATES", "TERMINAL_STATES", "TRANSITIONS", "InvalidTransition", "WorkerInfo", "Keys", "ClusterState",
+           "AsyncClusterState"]
 
 DEFAULT_PREFIX = "dsv32:"
 DEFAULT_HEARTBEAT_TTL_S = 5.0
@@ -146,6 +153,7 @@ class _StateBase:
         self.session_ttl_s = int(session_ttl_s)
         self._transition = client.register_script(TRANSITION_LUA)
         self._create = client.register_script(CREATE_LUA)
+        self._reap = client.register_script(REAP_LUA)
 
     def _turn(self, session_id: str, request_id: str, decode_worker: str, prompt_tokens: int,
               completion_tokens: int):
@@ -205,22 +213,16 @@ class ClusterState(_StateBase):
         key, now, ttl_ms = router_alive_args(self.keys, router_id, ttl_s)
         self.client.set(key, now, px=ttl_ms)
 
-    def reap_orphans(self) -> list[str]:
-        """Fail the open records whose router is gone (see the module docstring)."""
+    def reap_orphans(self, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> list[str]:
+        """Fail the open records whose router is gone or that are stale (see the module docstring)."""
         ids = sorted(self.client.smembers(self.keys.active))
         rows = orphans_pipe(self.client, self.keys, ids).execute()
-        alive = {r for r in {r for r, _ in rows if r} if self.client.exists(self.keys.router(r))}
-        reaped = []
-        for rid, (router, state) in zip(ids, rows):
-            if state is None or state in TERMINAL_STATES:
-                self.client.srem(self.keys.active, rid)
-            elif router not in alive:
-                try:
-                    self.transition(rid, "failed", error=f"router {router} went away")
-                    reaped.append(rid)
-                except InvalidTransition:
-                    pass
-        return reaped
+        alive = {r for r in {r for r, _, _ in rows if r} if self.client.exists(self.keys.router(r))}
+        drop, candidates = reap_candidates(ids, rows, alive, time.time(), stale_after_s)
+        if drop:
+            self.client.srem(self.keys.active, *drop)
+        return [rid for rid, router in candidates
+                if self._reap(**reap_args(self.keys, rid, router, stale_after_s, self.record_ttl_s))]
 
     # -- sessions -------------------------------------------------------------
     def session(self, session_id: str) -> dict[str, str]:
@@ -285,25 +287,19 @@ class AsyncClusterState(_StateBase):
         key, now, ttl_ms = router_alive_args(self.keys, router_id, ttl_s)
         await self.client.set(key, now, px=ttl_ms)
 
-    async def reap_orphans(self) -> list[str]:
+    async def reap_orphans(self, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> list[str]:
         ids = sorted(await self.client.smembers(self.keys.active))
         rows = await orphans_pipe(self.client, self.keys, ids).execute()
-        routers = sorted({r for r, _ in rows if r})
+        routers = sorted({r for r, _, _ in rows if r})
         pipe = self.client.pipeline(transaction=False)
         for r in routers:
             pipe.exists(self.keys.router(r))
         alive = {r for r, n in zip(routers, await pipe.execute()) if n}
-        reaped = []
-        for rid, (router, state) in zip(ids, rows):
-            if state is None or state in TERMINAL_STATES:
-                await self.client.srem(self.keys.active, rid)
-            elif router not in alive:
-                try:
-                    await self.transition(rid, "failed", error=f"router {router} went away")
-                    reaped.append(rid)
-                except InvalidTransition:
-                    pass
-        return reaped
+        drop, candidates = reap_candidates(ids, rows, alive, time.time(), stale_after_s)
+        if drop:
+            await self.client.srem(self.keys.active, *drop)
+        return [rid for rid, router in candidates
+                if await self._reap(**reap_args(self.keys, rid, router, stale_after_s, self.record_ttl_s))]
 
     # -- sessions -------------------------------------------------------------
     async def session(self, session_id: str) -> dict[str, str]:

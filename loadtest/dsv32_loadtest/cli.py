@@ -53,6 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the router's gRPC Generate, or its OpenAI HTTP API (streamed /v1/completions)")
     g.add_argument("--model", default="", help="model id to request (default: the served model)")
     g.add_argument("--connections", type=int, default=4, help="gRPC connections to share among requests")
+    g.add_argument("--api-token", default=None, metavar="TOKEN",
+                   help="the router's public API token, sent as 'authorization: Bearer TOKEN' (gRPC) or "
+                        "'Authorization: Bearer TOKEN' (HTTP) (default: $DSV32_API_TOKEN, or the file "
+                        "$DSV32_API_TOKEN_FILE); prefer the variable: a command line is visible in ps. "
+                        "Never written to the report")
     g.add_argument("--wait-for-server", type=float, default=0.0, metavar="S",
                    help="keep probing an unreachable target for S seconds before giving up")
 
@@ -206,6 +211,18 @@ def _compare(a: argparse.Namespace) -> int:
     return 0
 
 
+def _redacted(argv: list[str]) -> list[str]:
+    """``argv`` with the value of ``--api-token`` (or an abbreviation argparse takes) replaced: the report
+    must not carry a secret."""
+    out, hide = [], False
+    for x in argv:
+        name, eq, _ = x.partition("=")
+        is_flag = len(name) >= len("--api") and "--api-token".startswith(name)
+        out.append("***" if hide else f"{name}=***" if is_flag and eq else x)
+        hide = is_flag and not eq and not hide
+    return out
+
+
 def run(a: argparse.Namespace) -> int:
     if a.compare:
         return _compare(a)
@@ -225,14 +242,15 @@ def run(a: argparse.Namespace) -> int:
 
             chaos = Chaos(a.chaos, a.chaos_redis_url, a.chaos_redis_prefix, a.chaos_every, a.chaos_stop).start()
         try:
-            report = run_load(a.target, workload, arrival, slo=slo, rates=sweep, **options)
+            report = run_load(a.target, workload, arrival, slo=slo, rates=sweep, api_token=a.api_token, **options)
         finally:
             if chaos is not None:
                 chaos.stop()
     except (TargetError, ValueError) as e:
         return _error(str(e))
-    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "func"}
-    doc = report_dict(report, command=shlex.join(sys.argv), argv=sys.argv, args=args,
+    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in ("func", "api_token")}
+    argv = _redacted(sys.argv)
+    doc = report_dict(report, command=shlex.join(argv), argv=argv, args=args,
                       percentiles=parse_percentiles(a.metric_percentiles))
     if chaos is not None:
         doc["chaos"] = chaos.summary()

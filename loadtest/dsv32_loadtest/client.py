@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import time
 from typing import Any
 
@@ -20,6 +21,26 @@ from ._api import serving_pb2_grpc as pb_grpc
 from .metrics import CLIENT_ERROR, EMPTY_STREAM, FINISH_ABORT, OK, RequestResult
 
 _MAX_MESSAGE = 64 << 20
+
+
+API_TOKEN_ENV = "DSV32_API_TOKEN"
+
+
+def resolve_api_token(token: str | None = None) -> str:
+    """The public API token to send: ``token``, else ``$DSV32_API_TOKEN``, else the contents of the file
+    ``$DSV32_API_TOKEN_FILE``, else "" (none): what the router reads (``dsv32_cluster.auth``)."""
+    if token is not None:
+        return token
+    value = os.environ.get(API_TOKEN_ENV, "")
+    path = os.environ.get(API_TOKEN_ENV + "_FILE", "")
+    if not value and path:
+        with open(path) as f:
+            value = f.read().strip()
+    return value
+
+
+def bearer(token: str) -> str:
+    return f"Bearer {token}"
 
 
 class TargetError(RuntimeError):
@@ -63,10 +84,13 @@ def is_loopback(target: str) -> bool:
 
 
 class GenerationClient:
-    """``connections`` channels (one HTTP/2 connection each), used round-robin."""
+    """``connections`` channels (one HTTP/2 connection each), used round-robin. Every call carries
+    ``authorization: Bearer <api_token>`` when there is a token (see :func:`resolve_api_token`)."""
 
-    def __init__(self, target: str, connections: int = 4):
+    def __init__(self, target: str, connections: int = 4, api_token: str | None = None):
         check_target(target)
+        token = resolve_api_token(api_token)
+        self._metadata = (("authorization", bearer(token)),) if token else None
         if connections < 1:
             raise ValueError(f"connections must be >= 1, got {connections}")
         self.target = target
@@ -100,13 +124,18 @@ class GenerationClient:
         give_up = time.monotonic() + wait_s
         while True:
             try:
-                reply = await self._stubs[0].ListModels(pb.ListModelsRequest(), timeout=timeout_s)
+                reply = await self._stubs[0].ListModels(pb.ListModelsRequest(), timeout=timeout_s,
+                                                         metadata=self._metadata)
                 return [{"id": m.id, "max_model_len": m.max_model_len, "vocab_size": m.vocab_size,
                          "numerics": m.numerics} for m in reply.models]
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.UNIMPLEMENTED:
                     return []
                 retryable = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise TargetError(f"the server at {self.target} refused the API token "
+                                      f"({'none sent' if self._metadata is None else 'sent'}): set "
+                                      f"{API_TOKEN_ENV} or --api-token") from None
                 if not retryable or time.monotonic() >= give_up:
                     detail = (e.details() or "").splitlines()[0] if e.details() else ""
                     raise TargetError(f"no dsv32 Generation server answers at {self.target}: "
@@ -118,7 +147,7 @@ class GenerationClient:
         """Send one request and fill ``result``; ``t0`` is the run's start on perf_counter."""
         start = time.perf_counter()
         result.start_s = start - t0
-        call = self._stub().Generate(request, timeout=timeout_s)
+        call = self._stub().Generate(request, timeout=timeout_s, metadata=self._metadata)
         try:
             async for msg in call:
                 now = time.perf_counter() - start

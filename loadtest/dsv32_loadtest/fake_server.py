@@ -76,9 +76,27 @@ class FakeGeneration(pb_grpc.GenerationServicer):
                 await asyncio.sleep(self.itl_s)
 
 
-async def start_fake_server(servicer: FakeGeneration, address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, str]:
-    """Start ``servicer`` on ``address``; returns the server and its ``host:port`` target."""
-    server = grpc.aio.server()
+class _RequireToken(grpc.aio.ServerInterceptor):
+    """Refuse every call without ``authorization: Bearer <token>`` (``UNAUTHENTICATED``), as the router does
+    when it has ``DSV32_API_TOKEN``."""
+
+    def __init__(self, token: str):
+        self.want = f"Bearer {token}"
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "fake server: missing or wrong API token")
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation, details):
+        got = dict(details.invocation_metadata or ()).get("authorization", "")
+        return await continuation(details) if got == self.want else self._deny
+
+
+async def start_fake_server(servicer: FakeGeneration, address: str = "127.0.0.1:0",
+                            api_token: str = "") -> tuple[grpc.aio.Server, str]:
+    """Start ``servicer`` on ``address``; returns the server and its ``host:port`` target. With
+    ``api_token``, calls without ``authorization: Bearer <api_token>`` are refused."""
+    server = grpc.aio.server(interceptors=[_RequireToken(api_token)] if api_token else None)
     pb_grpc.add_GenerationServicer_to_server(servicer, server)
     port = server.add_insecure_port(address)
     await server.start()

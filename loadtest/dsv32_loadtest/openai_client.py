@@ -8,8 +8,10 @@ the prompt's token ids, ``stream_options.include_usage`` and vLLM's
 backend counts them). It speaks HTTP with ``aiohttp`` and reads the SSE lines
 itself, as ``vllm bench serve`` does: a client SDK's own per-chunk cost
 (the ``openai`` SDK adds ~20 ms to a first chunk here) would be charged to the
-server. HTTP errors are recorded under the gRPC status names the report already
-knows (429 → ``RESOURCE_EXHAUSTED``, 503 → ``UNAVAILABLE``, 504 → ``DEADLINE_EXCEEDED``...).
+server. ``Authorization: Bearer <token>`` goes with every request when there is
+an API token (``api_token``, else ``$DSV32_API_TOKEN``). HTTP errors are recorded
+under the gRPC status names the report already knows (401 → ``UNAUTHENTICATED``,
+429 → ``RESOURCE_EXHAUSTED``, 503 → ``UNAVAILABLE``, 504 → ``DEADLINE_EXCEEDED``...).
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import time
 from typing import Any
 
 from ._api import serving_pb2 as pb
-from .client import TargetError, check_target
+from .client import API_TOKEN_ENV, TargetError, bearer, check_target, resolve_api_token
 from .metrics import CLIENT_ERROR, EMPTY_STREAM, FINISH_ABORT, OK, RequestResult
 
-_STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 409: "ALREADY_EXISTS", 429: "RESOURCE_EXHAUSTED",
-           499: "CANCELLED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+           409: "ALREADY_EXISTS", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL", 503: "UNAVAILABLE",
+           504: "DEADLINE_EXCEEDED"}
 
 
 def base_url(target: str) -> str:
@@ -36,13 +39,16 @@ def base_url(target: str) -> str:
 
 
 class OpenAIClient:
-    def __init__(self, target: str, connections: int = 4):
+    def __init__(self, target: str, connections: int = 4, api_token: str | None = None):
         import aiohttp
 
         self.aiohttp = aiohttp
         self.target, self.base = target, base_url(target)
+        token = resolve_api_token(api_token)
+        self.sent_token = bool(token)
         # ``connections`` bounds gRPC channels; HTTP/1.1 needs a connection per stream in flight
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4))
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
+                                             headers={"Authorization": bearer(token)} if token else None)
 
     async def close(self) -> None:
         await self.session.close()
@@ -59,6 +65,10 @@ class OpenAIClient:
             try:
                 async with self.session.get(f"{self.base}/models",
                                             timeout=self.aiohttp.ClientTimeout(total=timeout_s)) as r:
+                    if r.status in (401, 403):
+                        raise TargetError(f"the server at {self.target} refused the API token "
+                                          f"({'sent' if self.sent_token else 'none sent'}: HTTP {r.status}): "
+                                          f"set {API_TOKEN_ENV} or --api-token")
                     r.raise_for_status()
                     data = (await r.json())["data"]
                 return [{"id": m["id"], "max_model_len": m.get("max_model_len", 0),

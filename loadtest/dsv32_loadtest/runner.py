@@ -221,11 +221,12 @@ class _Run:
 
 
 async def arun_load(target: str, workload: Workload, arrival: Arrival = Arrival(), *,
-                    slo: Slo | None = None, rates: Sequence[float] | None = None,
+                    slo: Slo | None = None, rates: Sequence[float] | None = None, api_token: str | None = None,
                     **options: Any) -> LoadReport:
     """Load ``target`` with ``workload``; one run per rate in ``rates`` (a sweep) or one run.
 
-    ``options`` are ``LoadOptions`` fields (``num_prompts=20, connections=2, …``).
+    ``options`` are ``LoadOptions`` fields (``num_prompts=20, connections=2, …``). ``api_token``: the
+    router's public API token (default ``$DSV32_API_TOKEN``); kept out of the options and the report.
     Raises ``TargetError`` when nothing answers at ``target``, ``ValueError`` on a
     bad parameter (a malformed trace is a ``TraceError``, which is one).
     """
@@ -237,7 +238,7 @@ async def arun_load(target: str, workload: Workload, arrival: Arrival = Arrival(
         from .openai_client import OpenAIClient as client_class
     else:
         client_class = GenerationClient
-    async with client_class(target, opts.connections) as client:
+    async with client_class(target, opts.connections, api_token=api_token) as client:
         models = await client.probe(opts.probe_timeout_s, opts.wait_for_server_s)
         vocab = next((m["vocab_size"] for m in models if m["vocab_size"]), None)
         tokens = TokenSource(opts.seed, vocab, opts.prompt_source)

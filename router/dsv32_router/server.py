@@ -182,15 +182,16 @@ class Router:
         await state.aclose()
 
     async def _liveness_loop(self, state: AsyncClusterState, beat_s: float = 2.0, reap_every: int = 5) -> None:
-        """Beat this router's liveness key; now and then fail the records of dead routers."""
+        """Beat this router's liveness key; now and then fail the records of dead routers, and stale ones
+        (no update for 2 × the worker timeout: see ``dsv32_cluster.state``)."""
         n = 0
         while True:
             try:
                 await state.router_alive(self.router_id)
                 if n % reap_every == 0:
-                    reaped = await state.reap_orphans()
+                    reaped = await state.reap_orphans(stale_after_s=2 * self.limits.worker_timeout_s)
                     if reaped:
-                        log.warning("failed %d request records of routers that went away", len(reaped))
+                        log.warning("failed %d request records of gone routers or stale", len(reaped))
             except Exception as e:
                 log.warning("router liveness/reaper: %s", e)
             n += 1
