@@ -256,7 +256,9 @@ def test_loadtest_openai_backend_same_workload_and_metrics_as_grpc(cluster):
         run = report.runs[0]
         s = summaries[backend] = run.summary(None)
         assert (s["planned"], s["completed"], s["failed"]) == (6, 6, 0), [r.error for r in run.results]
-        assert s["output_len_mismatches"] == 0 and s["server_token_count_mismatches"] == 0
+        assert s["output_len_mismatches"] == 0, (backend, [(r.output_tokens, r.finish_reason) for r in run.results])
+        assert s["server_token_count_mismatches"] == 0, (backend, [(r.output_tokens, r.server_completion_tokens)
+                                                                   for r in run.results])
         for r in run.results:
             assert r.ok and r.e2e_s >= r.ttft_s > 0 and r.output_tokens == r.requested_output_tokens == 8
             assert r.input_tokens == r.server_prompt_tokens and r.finish_reason == "length"

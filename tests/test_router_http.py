@@ -214,3 +214,22 @@ def test_required_tool_choice_lists_calls_or_returns_the_text():
     cut = _stream()
     cut.req.require_tool = True
     assert "".join(o.text for o in _push(cut, '[{"name": "g", "par')) == '[{"name": "g", "par'
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
+def test_tokens_that_decode_to_no_text_yet_still_stream_their_ids(chat):
+    """A message whose tokens are an incomplete UTF-8 sequence has no text: with return_token_ids the
+    client must still get its ids (the loadtest counts output tokens from them)."""
+    from dsv32_proto import serving_pb2
+    from dsv32_router.http_openai import HttpRequest
+    from dsv32_router.http_output import ChoiceBuilder
+
+    req = HttpRequest(serving_pb2.GenerateRequest(), stream=True, include_usage=False, logprobs=False,
+                      top_logprobs=0, model="tiny", return_token_ids=True)
+    b = ChoiceBuilder(None, req, "tiny", chat)
+    got = []
+    for out in (serving_pb2.GenerateResponse(request_id="r", text="a", token_ids=[5]),
+                serving_pb2.GenerateResponse(request_id="r", text="", token_ids=[6, 7]),
+                serving_pb2.GenerateResponse(request_id="r", text="é", token_ids=[8], finish_reason="length")):
+        got += [i for c in b.chunks(out) for i in c["choices"][0]["token_ids"]]
+    assert got == [5, 6, 7, 8]

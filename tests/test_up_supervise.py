@@ -12,11 +12,12 @@ import sys
 import threading
 import time
 
+import grpc
 import pytest
 import redis
 
 from dsv32_cluster.state import ClusterState
-from dsv32_router.client import generate, stream_responses
+from dsv32_router.client import GenerateError, generate, stream_responses
 from roles import serving as router_serving
 from test_up import _alive, _descendants
 
@@ -65,7 +66,17 @@ def test_up_restarts_a_dead_worker_and_its_redis_and_a_sigterm_drains(tiny_model
         _wait(lambda: _registered(state) == 3, 60, "workers did not re-register in the restarted Redis")
         # the router reads the registry every 0.25 s (and its Redis connection comes back on its own)
         _wait(lambda: router_serving(target), 30, "the router did not see the workers again")
-        assert len(generate(target, list(range(300, 330)), max_tokens=3, timeout=60).token_ids) == 3
+        # while the workers re-register one by one the router may briefly see no pair and answer
+        # UNAVAILABLE (the status a client retries on); within seconds requests flow again
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                out = generate(target, list(range(300, 330)), max_tokens=3, timeout=60)
+                break
+            except GenerateError as e:
+                assert e.code == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, e
+                time.sleep(0.5)
+        assert len(out.token_ids) == 3
 
         # SIGTERM drains: the stream in flight finishes on the worker that got it
         tokens, drained, serving = [], [], None

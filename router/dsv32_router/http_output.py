@@ -98,8 +98,11 @@ class ChoiceBuilder:
         finish = self._finish(out.finish_reason) if out.finish_reason else None
         if finish:
             self.finish_reason = finish
+        # a message whose tokens decode to no text yet (an incomplete UTF-8 sequence, a held-back stop
+        # prefix) still carries token ids: a client that asked for them must get every one
+        ids = self.req.return_token_ids and len(out.token_ids) > 0
         if not self.chat:
-            if not out.text and lp is None and not finish:
+            if not out.text and lp is None and not finish and not ids:
                 return []
             return [self._chunk({"index": 0, "text": out.text, "logprobs": lp, "finish_reason": finish}, out)]
         delta: dict = {"role": "assistant"} if first else {}
@@ -114,7 +117,7 @@ class ChoiceBuilder:
                 for c in out.tool_calls]
         if first and "content" not in delta and "reasoning_content" not in delta:
             delta["content"] = ""
-        if not delta and lp is None and not finish:
+        if not delta and lp is None and not finish and not ids:
             return []
         return [self._chunk({"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}, out)]
 
