@@ -37,7 +37,7 @@ CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "conte
 
 
 def _oracle(model: str) -> dict:
-    from dsv32_engine import LLM, SamplingParams
+    from dsv32_engine import LLM
     from dsv32_text.encoding import render_prompt_ids
     from dsv32_text.tokenizer import load_tokenizer
 

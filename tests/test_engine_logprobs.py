@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 
 from checkpoints import tiny_checkpoint
 from dsv32_engine import LLM, SamplingParams

@@ -220,7 +220,7 @@ def test_garbage_in_the_announcement_queue_leaves_the_receiver_working():
 
 @pytest.mark.parametrize("t", [1e-45, 1e-30, 9e-6])
 def test_a_temperature_below_the_epsilon_is_greedy(tiny_model, t):
-    from dsv32_engine import LLM, SamplingParams
+    from dsv32_engine import SamplingParams
 
     llm = _llm(tiny_model)
     prompt = list(range(700, 730))

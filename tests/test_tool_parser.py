@@ -60,10 +60,10 @@ def _malform(rng: random.Random, text: str) -> tuple[str, str]:
         return text.replace('string="true"', 'string="maybe"', 1).replace('string="false"', 'string="maybe"', 1), kind
     if kind == "badjson":
         tail = f'<{D}parameter name="zz" string="false">{{not json</{D}parameter>\n</{D}invoke>'
-        return text.replace(f"</{D}invoke>", tail, 1) if f'name="zz"' not in text else text + "x", kind
+        return text.replace(f"</{D}invoke>", tail, 1) if 'name="zz"' not in text else text + "x", kind
     if kind == "dup":
         p = f'<{D}parameter name="d" string="true">1</{D}parameter>\n'
-        return text.replace(f'">\n', f'">\n{p}{p}', 1), kind
+        return text.replace('">\n', f'">\n{p}{p}', 1), kind
     if kind == "nosep":
         return text.replace(f"</{D}invoke>\n", f"</{D}invoke>", 1), kind
     return text + "\n\ntrailing words", "after"
