@@ -8,17 +8,13 @@ the rest, the router detokenizes and parses the DSML into ``tool_calls`` with va
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import threading
 import time
 
 import pytest
 
 from dsv32_router.client import generate
 from dsv32_text.encoding import _render_tool_calls
+from upproc import up
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
@@ -35,30 +31,15 @@ MESSAGES = [{"role": "user", "content": "Weather in Hangzhou? And 1.5 + c."}]
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model, tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("up-tools")
-    script = log_dir / "answer.txt"
+    script = tmp_path_factory.mktemp("up-tools") / "answer.txt"
     script.write_text(ANSWER, encoding="utf-8")
-    err = open(log_dir / "up.stderr", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "dsv32_serve.cli", "up", "--model", tiny_model, "--port", "0",
-                             "--http-port", "0", "--log-dir", str(log_dir), "--grace", "5"],
-                            stdout=subprocess.PIPE, stderr=err, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "DSV32_SCRIPTED_OUTPUT": str(script)})
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    try:
-        deadline = time.monotonic() + 180
-        while not any(line.startswith("http ") for line in lines):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"up did not become ready:\n{(log_dir / 'up.stderr').read_text()}")
+    with up(tiny_model, "--http-port", "0", env={"DSV32_SCRIPTED_OUTPUT": str(script)}) as (target, proc):
+        deadline = time.monotonic() + 30  # `up` prints the HTTP address right after `ready`
+        while not any(line.startswith("http ") for line in proc.out):
+            assert time.monotonic() < deadline, "".join(proc.err)
             time.sleep(0.1)
-        target = next(line for line in lines if line.startswith("ready ")).split()[1]
-        base = next(line for line in lines if line.startswith("http ")).split()[1]
+        base = next(line for line in proc.out if line.startswith("http ")).split()[1]
         yield target, openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
-        err.close()
 
 
 def _args(calls) -> list[tuple[str, dict]]:

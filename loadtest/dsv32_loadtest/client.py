@@ -43,6 +43,18 @@ def bearer(token: str) -> str:
     return f"Bearer {token}"
 
 
+
+def settle_ended_stream(result: RequestResult, start: float) -> None:
+    """A stream that ended without a transport error: OK, the server's abort, or an empty answer
+    (the same rule for every backend)."""
+    result.end_s = time.perf_counter() - start
+    if result.finish_reason == "abort":
+        result.status, result.error = FINISH_ABORT, "the server finished the stream with 'abort'"
+    elif not result.chunk_tokens:
+        result.status, result.error = EMPTY_STREAM, "the call ended OK without streaming a token"
+    else:
+        result.status = OK
+
 class TargetError(RuntimeError):
     """The target cannot be load-tested; the message is one line for the user."""
 
@@ -164,13 +176,7 @@ class GenerationClient:
                     result.server_completion_tokens = u.completion_tokens
                     result.server_ttft_s = u.time_to_first_token_s
                     result.server_e2e_s = u.e2e_s
-            result.end_s = time.perf_counter() - start
-            if result.finish_reason == "abort":
-                result.status, result.error = FINISH_ABORT, "the server finished the stream with 'abort'"
-            elif not result.chunk_tokens:
-                result.status, result.error = EMPTY_STREAM, "the call ended OK without streaming a token"
-            else:
-                result.status = OK
+            settle_ended_stream(result, start)
         except grpc.aio.AioRpcError as e:
             result.end_s = time.perf_counter() - start
             result.status, result.error = e.code().name, e.details() or ""

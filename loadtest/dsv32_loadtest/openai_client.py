@@ -22,8 +22,8 @@ import time
 from typing import Any
 
 from ._api import serving_pb2 as pb
-from .client import API_TOKEN_ENV, TargetError, bearer, check_target, resolve_api_token
-from .metrics import CLIENT_ERROR, EMPTY_STREAM, FINISH_ABORT, OK, RequestResult
+from .client import API_TOKEN_ENV, TargetError, bearer, check_target, resolve_api_token, settle_ended_stream
+from .metrics import CLIENT_ERROR, RequestResult
 
 _STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
            409: "ALREADY_EXISTS", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL", 503: "UNAVAILABLE",
@@ -123,13 +123,7 @@ class OpenAIClient:
                     if chunk.get("usage"):
                         result.server_prompt_tokens = chunk["usage"]["prompt_tokens"]
                         result.server_completion_tokens = chunk["usage"]["completion_tokens"]
-            result.end_s = time.perf_counter() - start
-            if result.finish_reason == "abort":
-                result.status, result.error = FINISH_ABORT, "the server finished the stream with 'abort'"
-            elif not result.chunk_tokens:
-                result.status, result.error = EMPTY_STREAM, "the call ended OK without streaming a token"
-            else:
-                result.status = OK
+            settle_ended_stream(result, start)
         except _StreamError as e:
             result.end_s = time.perf_counter() - start
             err = e.args[0] if isinstance(e.args[0], dict) else {}
