@@ -44,10 +44,23 @@ class StepOutput:
 
 @dataclass
 class PrefillInput:
+    """One prompt for :meth:`EngineCore.prefill`. ``start``: tokens whose cache already sits in
+    ``page_ids`` (an earlier chunk, or a cached prefix); ``end``: compute up to this position (None:
+    the whole prompt). Only a chunk that reaches the prompt's end samples the first token."""
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
     page_ids: list[int]
+    start: int = 0
+    end: int | None = None
+
+    @property
+    def stop(self) -> int:
+        return len(self.prompt_ids) if self.end is None else self.end
+
+    @property
+    def is_last(self) -> bool:
+        return self.stop == len(self.prompt_ids)
 
 
 class PromptTooLong(ValueError):
@@ -122,6 +135,14 @@ class EngineCore:
     def _make_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        self._check_prompt(prompt_ids)
+        params = params.with_defaults(self.generation_defaults).validate(self.config.vocab_size)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        if params.json_schema:
+            self._grammars[request_id] = self._grammar(params, prompt_ids)
+        return Request(request_id, list(prompt_ids), params, seed)
+
+    def _check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
             raise ValueError("prompt is empty")
         bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
@@ -129,11 +150,6 @@ class EngineCore:
             raise ValueError(f"prompt holds token ids outside [0, {self.config.vocab_size}): {bad[:5]}")
         if len(prompt_ids) >= self.max_model_len:
             raise PromptTooLong(f"prompt has {len(prompt_ids)} tokens; the model context is {self.max_model_len}")
-        params = params.with_defaults(self.generation_defaults).validate(self.config.vocab_size)
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        if params.json_schema:
-            self._grammars[request_id] = self._grammar(params, prompt_ids)
-        return Request(request_id, list(prompt_ids), params, seed)
 
     def _grammar(self, params: SamplingParams, prompt_ids: list[int]):
         from .grammar import GrammarTokenizer
@@ -199,31 +215,41 @@ class EngineCore:
         return [o for _, o in outs]
 
     @torch.inference_mode()
-    def prefill(self, reqs: list[PrefillInput], on_layer_done: Callable[[int], None] | None = None) -> list[StepOutput]:
-        """Compute prompt caches into caller-owned pages; return each request's first token."""
+    def prefill(self, reqs: list[PrefillInput], on_layer_done: Callable[[int], None] | None = None
+                ) -> list[StepOutput | None]:
+        """Compute prompt caches into caller-owned pages; return each request's first token, or None
+        for a chunk that stops short of its prompt's end (the caller prefills the rest later, with
+        ``start`` at this chunk's end)."""
         states = []
         for r in reqs:
-            req = self._make_request(r.request_id, r.prompt_ids, r.params)
-            if len(r.page_ids) * self.layout.page_size < len(r.prompt_ids):
-                raise ValueError(f"request {r.request_id}: {len(r.page_ids)} pages cannot hold {len(r.prompt_ids)} tokens")
-            req.pages = list(r.page_ids)
+            if not 0 <= r.start < r.stop <= len(r.prompt_ids):
+                raise ValueError(f"request {r.request_id}: chunk [{r.start}, {r.stop}) is not inside its "
+                                 f"{len(r.prompt_ids)}-token prompt")
+            if r.is_last:
+                req = self._make_request(r.request_id, r.prompt_ids, r.params)
+            else:  # a middle chunk samples nothing: no seed is drawn, no grammar built
+                self._check_prompt(r.prompt_ids)
+                req = Request(r.request_id, list(r.prompt_ids), r.params, 0)
+            if len(r.page_ids) * self.layout.page_size < r.stop:
+                raise ValueError(f"request {r.request_id}: {len(r.page_ids)} pages cannot hold {r.stop} tokens")
+            req.pages, req.num_computed = list(r.page_ids), r.start
             states.append(req)
         # The whole batch runs as one layer-major forward: each layer's cache is complete (every token of
-        # every prompt) when ``on_layer_done`` fires, so the KV sender overlaps the transfer of layer l with
+        # every chunk) when ``on_layer_done`` fires, so the KV sender overlaps the transfer of layer l with
         # the compute of layers > l even for long prompts. Attention is computed in query blocks of
-        # ``max_num_batched_tokens`` so memory stays bounded (chunked prefill without losing the overlap).
-        chunks = [ScheduledChunk(s, 0, s.num_tokens) for s in states]
+        # ``max_num_batched_tokens`` so memory stays bounded.
+        chunks = [ScheduledChunk(s, r.start, r.stop - r.start) for s, r in zip(states, reqs)]
         self._agree(True)
         logits = self._forward(chunks, on_layer_done, query_block=self.max_num_batched_tokens)
         results: dict[str, StepOutput] = {}
-        for req, out in self._sample([c.request for c in chunks], logits):
+        for req, out in self._sample([c.request for c in chunks if c.samples], logits):
             out.finish_reason = self._stop_reason(req, out.token_id, first=True)
             out.finished = out.finish_reason is not None
             results[req.request_id] = out
         for c in chunks:
-            c.request.num_computed = c.num
+            c.request.num_computed = c.start + c.num
             self._grammars.pop(c.request.request_id, None)  # the decode worker rebuilds it (first token replayed)
-        return [results[r.request_id] for r in reqs]
+        return [results.get(r.request_id) for r in reqs]
 
     @torch.inference_mode()
     def idle_step(self) -> bool:
@@ -257,7 +283,7 @@ class EngineCore:
             pos += range(c.start, c.start + c.num)
             if c.samples:
                 logit_rows.append(len(ids) - 1)
-            if c.num > 1 or c.start == 0:
+            if c.num > 1 or c.start < len(c.request.prompt_ids):
                 self.stats["prefill_tokens"] += c.num
             else:
                 self.stats["decode_tokens"] += c.num
