@@ -226,6 +226,8 @@ def test_env_wires_each_role(release):
         else:
             assert args.redis_url == secrets[("dsv32-redis", "url")]
         assert args.metrics_port == (ports["metrics"] if metrics_on else 0)
+        # one session TTL for the router's records and the workers' cached pages
+        assert args.session_ttl == int(v.get("sessions", {}).get("ttlSeconds", 3600))
         mounts = {m["name"]: m for m in c["volumeMounts"]}
         assert expected_model.startswith(mounts["models"]["mountPath"] + "/") and mounts["models"]["readOnly"]
         if role == "router":

@@ -327,3 +327,22 @@ def test_named_tool_choice_forces_a_schema_valid_call(cluster):
         c.chat.completions.create(model="", messages=CHAT, tools=tools,
                                   tool_choice={"type": "function", "function": {"name": "nope"}})
     assert e.value.body["param"] == "tool_choice"
+
+
+def test_usage_reports_cached_prompt_tokens_and_a_request_may_opt_out(cluster):
+    """usage.prompt_tokens_details.cached_tokens as OpenAI reports it; skip_prefix_cache and session end."""
+    c = cluster["client"]
+    prompt = list(range(3000, 3300))  # 4 full pages of 64 (the last token is always computed)
+    first = c.completions.create(model="", prompt=prompt, max_tokens=2, temperature=0,
+                                 extra_body={"session_id": "http-s1"})
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    again = c.completions.create(model="", prompt=prompt, max_tokens=2, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == 256
+    assert again.choices[0].text == first.choices[0].text
+    skip = c.completions.create(model="", prompt=prompt, max_tokens=2, temperature=0,
+                                extra_body={"skip_prefix_cache": True})
+    assert skip.usage.prompt_tokens_details.cached_tokens == 0 and skip.choices[0].text == first.choices[0].text
+    req = urllib.request.Request(cluster["base"] + "/sessions/http-s1", method="DELETE")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        body = json.loads(r.read())
+    assert body["deleted"] is True and body["object"] == "session.deleted"

@@ -274,21 +274,23 @@ def _topk_inputs(case: str, device: str, seed: int = 0):
     return logits.to(device), k, bt.to(device), mv
 
 
+@pytest.mark.parametrize("by_position", [False, True], ids=["by-score", "by-position"])
 @pytest.mark.parametrize("case", TOPK_CASES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_topk_triton_matches_naive(device, case):
+def test_topk_triton_matches_naive(device, case, by_position):
     logits, k, bt, kwargs = _topk_inputs(case, device)
-    want = K.naive_topk_indices(logits, k, bt, **kwargs)
+    want = K.naive_topk_indices(logits, k, bt, by_position=by_position, **kwargs)
     with K.backend("triton"):
-        got = K.topk_indices(logits, k, bt, **kwargs)
+        got = K.topk_indices(logits, k, bt, by_position=by_position, **kwargs)
     for a, b in zip(got, want):  # same torch.topk underneath, integer mapping after: exact
         assert a.dtype == torch.int32 and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("by_position", [False, True], ids=["by-score", "by-position"])
 @pytest.mark.parametrize("case", TOPK_CASES)
-def test_topk_naive_matches_dense(case):
+def test_topk_naive_matches_dense(case, by_position):
     logits, k, bt, kwargs = _topk_inputs(case, "cpu", seed=1)
-    logical, physical = K.naive_topk_indices(logits, k, bt, **kwargs)
+    logical, physical = K.naive_topk_indices(logits, k, bt, by_position=by_position, **kwargs)
     rows = logits.reshape(-1, logits.shape[-1])
     R = rows.shape[0]
     req = kwargs.get("row_req", torch.arange(R) // (R // bt.shape[0]))
@@ -296,6 +298,8 @@ def test_topk_naive_matches_dense(case):
     for r in range(R):
         vis = torch.nonzero(torch.isfinite(rows[r])).flatten().tolist()
         best = sorted(vis, key=lambda j: -rows[r, j].item())[:k]
+        if by_position:  # the same set, in column order
+            best = sorted(best)
         want_log = [j - int(off[r]) for j in best] + [-1] * (k - len(best))
         want_phys = []
         for j in want_log:

@@ -204,3 +204,44 @@ def test_directory_refresh_wakes_waiters(redis_url, state):
             await ast.aclose()
 
     asyncio.run(go())
+
+
+def test_workers_publish_their_prefix_cache_and_the_router_reads_hits(redis_url, state):
+    """The heartbeat applies the allocator's publish/evict events to the worker's key set (rewriting it
+    when it drifted); the router's lookup counts each worker's leading run of held pages."""
+    from dsv32_cluster.heartbeat import Heartbeat, WorkerLoad
+    from dsv32_engine.cache import PageAllocator
+    from dsv32_text.prefix_hash import page_hashes, salt_key
+
+    salt, prompt = salt_key("m"), list(range(1000, 1300))  # 4 full pages before the last token
+    keys = page_hashes(prompt, 64, salt)
+    alloc = PageAllocator(8)
+    pages = alloc.allocate(3)
+    for p, k in zip(pages, keys[:3]):
+        alloc.publish(p, k)
+    a = WorkerInfo("kv-a", "decode", "a:1", cache_salt=salt)
+    b = WorkerInfo("kv-b", "decode", "b:1", cache_salt=salt)
+    c = WorkerInfo("kv-c", "decode", "c:1")  # no prefix cache: not asked
+    hb = Heartbeat(state, a, lambda: WorkerLoad(free_pages=8, total_pages=8), cache=alloc)
+    hb.beat()
+    assert state.client.scard(state.keys.worker_kv("kv-a")) == 3
+    state.heartbeat(b)
+    state.publish_cache_keys("kv-b", [keys[1], keys[2]], [])  # holds pages 1-2 but not 0: no leading run
+
+    async def hits():
+        s = AsyncClusterState.from_url(redis_url, prefix="t:")
+        try:
+            return await s.cached_prefix_tokens([a, b, c], prompt)
+        finally:
+            await s.aclose()
+    assert asyncio.run(hits()) == {"kv-a": 192, "kv-b": 0}
+    alloc.free(pages)
+    alloc.evict([keys[2]])
+    hb.beat()  # the eviction event
+    assert asyncio.run(hits())["kv-a"] == 128
+    state.client.delete(state.keys.worker_kv("kv-a"))  # lost (a Redis restart): rewritten whole
+    hb.beat()
+    hb.beat()
+    assert state.client.scard(state.keys.worker_kv("kv-a")) == 2
+    state.deregister("kv-a")
+    assert not state.client.exists(state.keys.worker_kv("kv-a"))

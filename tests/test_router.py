@@ -171,6 +171,18 @@ def test_prefill_failure_frees_the_reservation_and_retries(env):
     assert "pf-1#1" in cancelled, "the failed attempt's reservation was cancelled"
 
 
+def test_prefill_refusing_a_decode_worker_that_left_retries_on_another_pair(env):
+    """P answers FAILED_PRECONDITION when D is no longer registered (stopped, expired): that is D's
+    failure, retried elsewhere, not an INTERNAL error for the client."""
+    cluster, target, _, _ = env
+    for p in cluster.prefill.values():
+        p.faults.append("refuse_endpoint")
+    out = generate(target, [5, 5], max_tokens=3, seed=5, request_id="pre-1")
+    assert out.token_ids == expected_tokens(2, 3, 5)
+    rec = cluster.state.request("pre-1")
+    assert rec["state"] == "finished" and int(rec["attempts"]) >= 2 and "not a registered decode worker" in rec["error"]
+
+
 def test_client_cancel_mid_stream_frees_decode_and_records_cancelled(env):
     cluster, target, _, _ = env
     cluster.decode_faults.append(("slow", 0.05))

@@ -102,6 +102,10 @@ class FakeDecode(worker_pb2_grpc.DecodeWorkerServicer):
             return worker_pb2.WorkerStats(worker_id=self.worker_id, role="decode", free_pages=self.free(),
                                           total_pages=self.total_pages, running_requests=len(self.committed))
 
+    def ReleaseSession(self, req: worker_pb2.ReleaseSessionRequest, ctx) -> worker_pb2.ReleaseSessionResponse:
+        self.log.append(("release_session", req.session_id))
+        return worker_pb2.ReleaseSessionResponse(released_pages=0)  # no prefix cache here
+
     def InjectFault(self, req: worker_pb2.FaultRequest, ctx) -> worker_pb2.FaultResponse:
         # as the real decode worker: tests script this fake's faults through ``faults``
         ctx.abort(grpc.StatusCode.UNIMPLEMENTED, "faults are injected on the prefill worker (the sending side)")
@@ -111,14 +115,18 @@ class FakePrefill(worker_pb2_grpc.PrefillWorkerServicer):
     def __init__(self, worker_id: str, transfer_faults: deque | None = None):
         self.worker_id = worker_id
         self.prompts: list[list[int]] = []
-        self.faults: deque = deque()  # "unavailable"
+        self.faults: deque = deque()  # "unavailable" | "refuse_endpoint"
         # where InjectFault puts a corrupted transfer: the decode side is the one that notices
         self.transfer_faults = transfer_faults if transfer_faults is not None else deque()
 
     def Prefill(self, req: worker_pb2.PrefillRequest, ctx) -> worker_pb2.PrefillResponse:
         self.prompts.append(list(req.prompt_ids))
-        if self.faults and self.faults.popleft() == "unavailable":
+        fault = self.faults.popleft() if self.faults else None
+        if fault == "unavailable":
             ctx.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker died (fake)")
+        if fault == "refuse_endpoint":  # as the real one when D left the registry after the reservation
+            ctx.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                      f"transfer_endpoint: {req.decode_worker_id!r} is not a registered decode worker")
         s = req.sampling
         tok = fake_token(s.seed, len(req.prompt_ids))
         last = s.max_tokens == 1 or tok in s.stop_token_ids
@@ -131,6 +139,9 @@ class FakePrefill(worker_pb2_grpc.PrefillWorkerServicer):
 
     def Stats(self, req: worker_pb2.StatsRequest, ctx) -> worker_pb2.WorkerStats:
         return worker_pb2.WorkerStats(worker_id=self.worker_id, role="prefill", requests_finished=len(self.prompts))
+
+    def ReleaseSession(self, req: worker_pb2.ReleaseSessionRequest, ctx) -> worker_pb2.ReleaseSessionResponse:
+        return worker_pb2.ReleaseSessionResponse(released_pages=0)
 
     def InjectFault(self, req: worker_pb2.FaultRequest, ctx) -> worker_pb2.FaultResponse:
         if req.kind in _TRANSFER_FAULTS:

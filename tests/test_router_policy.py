@@ -106,3 +106,39 @@ def test_pages_are_counted_in_each_workers_registered_page_size():
     assert pol.choose_prefill([P("p", total=6, page_size=16), P("q", queued=999, total=2)], 100).worker_id == "q"
     with pytest.raises(NeverFits, match="needs 7 or 13 cache pages"):
         pol.choose_prefill([P("p", total=6, page_size=16), P("q", total=12, page_size=8)], 100)
+
+
+# -- cache-aware choice ----------------------------------------------------------------------
+def test_decode_goes_where_the_prompt_is_cached_unless_that_worker_is_overloaded():
+    pol = PairPolicy(cache_slack=4)
+    ws = [D("a", running=3), D("b", running=1), D("c", running=0)]
+    assert pol.choose_decode(ws, 100).worker_id == "c"  # nothing cached: least loaded
+    assert pol.choose_decode(ws, 100, cached={"a": 640, "b": 128}).worker_id == "a"  # longest prefix wins
+    assert pol.choose_decode(ws, 100, cached={"a": 640, "b": 640}).worker_id == "b"  # equal hits: less load
+    busy = [D("a", running=5), D("b", running=1), D("c", running=0)]
+    assert pol.choose_decode(busy, 100, cached={"a": 640, "b": 128}).worker_id == "b"  # a is 5 above c: b
+    assert pol.choose_decode(busy, 100, cached={"a": 640}).worker_id == "c"  # no cached worker near: load
+    # this router's own in-flight requests count as load too
+    pol.add("a", requests=2)
+    assert pol.choose_decode(ws, 100, cached={"a": 640}).worker_id == "c"
+    pol.remove("a", requests=2)
+    # the cache never overrides capacity or a worker that failed the request
+    assert pol.choose_decode([D("a", free=1), D("b")], 100, cached={"a": 64}).worker_id == "b"
+    assert pol.choose_decode(ws, 100, cached={"a": 640}, avoid=frozenset({"a"})).worker_id == "c"
+
+
+def test_cache_beats_session_affinity_and_affinity_beats_load():
+    pol = PairPolicy()
+    ws = [D("a", running=1), D("b", running=2)]
+    assert pol.choose_decode(ws, 100, affinity="b").worker_id == "b"
+    assert pol.choose_decode(ws, 100, affinity="b", cached={"a": 64}).worker_id == "a"
+
+
+def test_prefill_counts_the_tokens_it_would_compute():
+    pol = PairPolicy()
+    ws = [P("a", queued=300), P("b", queued=0)]
+    assert pol.choose_prefill(ws, 1000).worker_id == "b"
+    # a holds 960 of the 1000 tokens: 300 queued + 40 to compute < 0 + 1000
+    assert pol.choose_prefill(ws, 1000, cached={"a": 960}).worker_id == "a"
+    assert pol.choose_prefill(ws, 1000, cached={"a": 512}).worker_id == "a"  # 300 + 488 < 1000
+    assert pol.choose_prefill(ws, 1000, cached={"a": 128}).worker_id == "b"  # 300 + 872 > 1000

@@ -10,7 +10,7 @@ import torch
 from dsv32_engine.transfer import (GeometryMismatch, KVPoll, KVReceiver, KVSender, TransferError, TransferTimeout,
                                    cache_checksum)
 from dsv32_engine.transfer.pages import Checksum
-from dsv32_engine.transfer.pair import SEQ_MOD, Announcement, chunk_ranges, pages_per_chunk, tag
+from dsv32_engine.transfer.pair import MAX_WINDOWS, MIN_MESSAGE_BYTES, SEQ_MOD, Announcement, message_plan, tag
 from test_transfer import assert_landed, assert_zero_except, make_cache
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,33 +35,52 @@ def pair(request):
     rx.close()
 
 
-def test_tags_are_distinct_per_transfer_layer_pool_and_chunk_and_fit_a_c_int():
-    tags = {tag(seq, layer, part, chunk) for seq in range(12) for layer in range(62) for part in (0, 1)
-            for chunk in (0, 1, 7, 255)}
-    assert len(tags) == 12 * 62 * 2 * 4
-    assert max(tag(SEQ_MOD - 1, 255, 1, 255), tag(10**9, 255, 1, 255)) < 2**31
-    assert tag(SEQ_MOD + 3, 1, 0, 2) == tag(3, 1, 0, 2)  # sequence numbers wrap
-    for bad in ((0, 256, 0, 0), (0, 0, 2, 0), (0, 0, 0, 256)):
+def test_tags_are_distinct_per_transfer_and_message_and_fit_a_c_int():
+    tags = {tag(seq, m) for seq in range(12) for m in (0, 1, 7, 255, 65535)}
+    assert len(tags) == 12 * 5
+    assert max(tag(SEQ_MOD - 1, 65535), tag(10**9, 65535)) < 2**31
+    assert tag(SEQ_MOD + 3, 2) == tag(3, 2)  # sequence numbers wrap
+    for bad in (-1, 65536):
         with pytest.raises(ValueError):
-            tag(*bad)
+            tag(0, bad)
 
 
-def test_chunking_covers_every_page_once_in_at_most_256_messages():
-    assert chunk_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
-    assert pages_per_chunk(16, 41984, 2 << 20) == 49
-    big = pages_per_chunk(100_000, 41984, 2 << 20)
-    assert len(chunk_ranges(100_000, big)) <= 256
+@pytest.mark.parametrize("pages,chunk_pages", [(16, 49), (256, 199), (1000, 3), (100_000, 199), (7, 1)])
+def test_message_plan_covers_every_page_of_every_pool_once_in_wire_order(pages, chunk_pages):
+    part_bytes = [8448, 41984]  # fp8: indexer, then latent
+    plan = message_plan(4, pages, part_bytes, chunk_pages)
+    flat = [(s.layer, s.part, p) for m in plan for s in m.segments for p in range(s.a, s.b)]
+    assert flat == [(layer, part, p) for layer in range(4) for part in (0, 1) for p in range(pages)]
+    assert all(s.page_bytes == part_bytes[s.part] for m in plan for s in m.segments)
+    windows = {}
+    for m in plan:
+        for s in m.segments:
+            windows[s.layer, s.part] = windows.get((s.layer, s.part), 0) + 1
+    assert max(windows.values()) <= MAX_WINDOWS
+    for m in plan:
+        assert m.nbytes <= max(chunk_pages * 41984, -(-pages // MAX_WINDOWS) * 41984) + MIN_MESSAGE_BYTES
+        if len(m.segments) > 1:  # only small pieces of one layer are packed together
+            assert all(s.nbytes < MIN_MESSAGE_BYTES for s in m.segments)
+            assert len({s.layer for s in m.segments}) == 1
+
+
+def test_message_plan_packs_short_prompts_and_keeps_long_ones_a_pool_a_message():
+    short = message_plan(8, 16, [8448, 41984], 199)  # 1k tokens: 0.8 MB a layer, never across layers
+    assert [[(s.layer, s.part) for s in m.segments] for m in short] == [[(i, 0), (i, 1)] for i in range(8)]
+    long = message_plan(8, 256, [8448, 41984], 199)  # 16k tokens: 2.2 MB indexer + 2 x 5.4 MB latent a layer
+    assert len(long) == 24 and all(len(m.segments) == 1 for m in long)
 
 
 def test_announcement_roundtrip():
     ann = Announcement("t", "prefill-0", 3, 7, 61, 12, 41984, 8448, "gloo", False, 49)
     assert Announcement.decode(ann.encode()) == ann
+    assert ann.part_bytes == [8448, 41984]  # the indexer travels first
 
 
 def test_checksum_sees_any_change_order_or_missing_part():
     cache = make_cache("exact", 2, 4, seed=1, dtype=torch.bfloat16)
     base = cache_checksum(cache, [2, 0])
-    assert base == cache_checksum(cache, [2, 0]) and base.startswith("kv1:")
+    assert base == cache_checksum(cache, [2, 0]) and base.startswith("kv2:")
     assert base != cache_checksum(cache, [0, 2])  # pages out of place
     assert base != cache_checksum(cache, [2, 0], num_layers=1)
 
@@ -78,11 +97,32 @@ def test_checksum_sees_any_change_order_or_missing_part():
     assert changed(lambda b: b.__setitem__(5, b[5] ^ 1)) != base  # one bit
     assert changed(swap_words) != base  # a permutation within a page keeps a plain sum
     assert changed(lambda b: b.zero_()) != base  # a missing indexer page
-    ck = Checksum()
+    ck = Checksum("cpu")
     ck.update(torch.zeros(2, 16, dtype=torch.uint8))
-    other = Checksum()
+    other = Checksum("cpu")
     other.update(torch.zeros(1, 16, dtype=torch.uint8))
     assert ck.hexdigest() != other.hexdigest()  # page count counts, even for zero pages
+    split = Checksum("cpu")
+    for half in torch.arange(64, dtype=torch.uint8).view(2, 2, 16):
+        split.update(half)
+    whole = Checksum("cpu")
+    whole.update(torch.arange(64, dtype=torch.uint8).view(4, 16))
+    assert split.hexdigest() == whole.hexdigest()  # where messages and blocks are cut does not matter
+
+
+@pytest.mark.parametrize("pool", ["latent", "index"])
+@pytest.mark.parametrize("layer", [0, 2])
+def test_checksum_sees_a_changed_byte_anywhere_in_any_pool(pool, layer):
+    cache = make_cache("fp8", 3, 4, seed=5)
+    base = cache_checksum(cache, [3, 1, 2])
+    size = getattr(cache, pool)[layer][1].view(torch.uint8).numel()
+    for offset in (0, 1, size // 2 + 3, size - 1):
+        c = make_cache("fp8", 3, 4, seed=5)
+        getattr(c, pool)[layer][1].view(torch.uint8).view(-1)[offset] ^= 0x10
+        assert cache_checksum(c, [3, 1, 2]) != base, (pool, layer, offset)
+    c = make_cache("fp8", 3, 4, seed=5)
+    getattr(c, pool)[layer][0].view(torch.uint8).view(-1)[0] ^= 0x10
+    assert cache_checksum(c, [3, 1, 2]) == base  # a page outside the transfer
 
 
 @pytest.mark.parametrize("window_pages,chunk_pages", [(1, 1), (3, 2), (64, 64)])

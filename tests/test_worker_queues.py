@@ -55,11 +55,15 @@ class FakeEngine:
     """Two layers, no expert-parallel group; records which prompts ran (a forward is instant)."""
 
     ep = None
+    prefix = None  # no prefix cache
 
     def __init__(self, num_pages: int):
-        self.layout = SimpleNamespace(pages_for=lambda n: -(-n // 64))
+        self.layout = SimpleNamespace(pages_for=lambda n: -(-n // 64), page_size=64)
         self.allocator = PageAllocator(num_pages)
         self.ran: list[str] = []
+
+    def match_prefix(self, prompt_ids, params=None, acquire=True):
+        return []
 
     def prefill(self, inputs, on_layer_done):
         for layer in range(2):
@@ -110,9 +114,9 @@ def test_a_prompt_waits_for_pages_held_by_a_transfer_in_flight():
         assert _until(lambda: len(sched.inflight) == 1)
         sched.submit(b)
         time.sleep(0.1)
-        assert engine.ran == ["a"] and b.error is None, "b waits instead of failing for want of pages"
+        assert engine.ran == ["a", "a"] and b.error is None, "b waits instead of failing for want of pages"
         sender.handles["t-a"].status.succeed(_result("t-a"))
-        assert _until(lambda: engine.ran == ["a", "b"])
+        assert _until(lambda: engine.ran == ["a", "a", "b"])  # a: two chunks of the 64-token budget
         sender.handles["t-b"].status.succeed(_result("t-b"))
         assert a.done.wait(2) and b.done.wait(2) and a.error is None and b.error is None
     finally:

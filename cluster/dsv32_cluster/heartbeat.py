@@ -54,8 +54,12 @@ class WorkerLoad:
 
 class Heartbeat:
     def __init__(self, state: ClusterState, info: WorkerInfo, load: Callable[[], WorkerLoad], interval_s: float = 0.5,
-                 watch_parent: bool = False):
+                 watch_parent: bool = False, cache=None):
+        """``cache``: the worker's page allocator when it has a prefix cache: each beat also applies its
+        publish/evict events to the worker's key set in Redis (what cache-aware routers read)."""
         self.state, self.info, self.load, self.interval_s = state, info, load, interval_s
+        self.cache = cache
+        self._cache_resync = True
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{info.worker_id}", daemon=True)
@@ -66,6 +70,21 @@ class Heartbeat:
         for k, v in asdict(self.load()).items():
             setattr(self.info, k, v)
         self.state.heartbeat(self.info)
+        if self.cache is not None:
+            self._publish_cache()
+
+    def _publish_cache(self) -> None:
+        added, removed = self.cache.drain_events()
+        try:
+            if self._cache_resync:
+                full = self.cache.cached_keys()
+                n, want = self.state.publish_cache_keys(self.info.worker_id, (), (), full=full), len(full)
+            else:
+                n, want = self.state.publish_cache_keys(self.info.worker_id, added, removed), self.cache.num_cached
+        except BaseException:
+            self._cache_resync = True  # events lost with the failed write: rewrite the set next time
+            raise
+        self._cache_resync = n != want  # drifted (a Redis restart, a race with an eviction): rewrite next beat
 
     def start(self) -> Heartbeat:
         self.beat()  # registered before start() returns: callers can announce readiness

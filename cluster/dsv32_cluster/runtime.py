@@ -29,6 +29,7 @@ from dsv32_proto import serving_pb2, worker_pb2
 from . import auth, metrics, telemetry
 from .envflags import add_env_argument
 from .heartbeat import Heartbeat
+from .sessions import DEFAULT_SESSION_TTL_S
 from .state import DEFAULT_PREFIX, ClusterState, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -44,18 +45,29 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, from_env: bool = True, s
     ``from_env``: the default is ``DSV32_<FLAG>``, else the field's own (a worker). Otherwise every
     default is None, meaning "not given" (``up``, which passes on what was given: :func:`engine_argv`).
     """
-    from dsv32_engine.engine_config import DTYPES, NUMERICS, EngineConfig, field_docs
+    from dsv32_engine.engine_config import DTYPES, NUMERICS, WEIGHT_FORMATS, EngineConfig, field_docs
 
-    docs, choices = field_docs(EngineConfig), {"numerics": NUMERICS, "dtype": DTYPES}
+    docs = field_docs(EngineConfig)
+    choices = {"numerics": NUMERICS, "dtype": DTYPES, "weight_format": WEIGHT_FORMATS}
     for f in fields(EngineConfig):
         if f.name in skip:
             continue
-        kind = int if str(f.type).startswith("int") else str
+        kind = int if str(f.type).startswith("int") else _on_off if str(f.type) == "bool" else str
         if from_env:
             add_env_argument(p, _flag(f.name), type=kind, default=None if f.default is MISSING else f.default,
                              choices=choices.get(f.name), help=docs[f.name])
         else:
             p.add_argument(_flag(f.name), type=kind, default=None, choices=choices.get(f.name), help=docs[f.name])
+
+
+def _on_off(text: str) -> bool:
+    """A bool engine option on the command line: on | off (also true/false, 1/0, yes/no)."""
+    v = str(text).strip().lower()
+    if v in ("on", "true", "1", "yes"):
+        return True
+    if v in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
 
 
 def engine_config(args: argparse.Namespace):
@@ -73,7 +85,7 @@ def engine_argv(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list[st
     for f in fields(EngineConfig):
         value = getattr(args, f.name, None)
         if f.name not in skip and value is not None:
-            argv += [_flag(f.name), str(value)]
+            argv += [_flag(f.name), ("on" if value else "off") if isinstance(value, bool) else str(value)]
     return argv
 
 
@@ -88,6 +100,8 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
     arg("--worker-id", help="default: ROLE-HOST-PID")
     arg("--redis-url", default="redis://127.0.0.1:6379/0", help="cluster state (the registry)")
     arg("--redis-prefix", default=DEFAULT_PREFIX, help="key prefix of this cluster in Redis")
+    arg("--session-ttl", type=int, default=DEFAULT_SESSION_TTL_S,
+        help="seconds a session's cached pages are kept after its last turn (set the router's to the same)")
     arg("--heartbeat-interval", type=float, default=0.5, help="seconds between load reports (and on each change)")
     arg("--transfer-timeout", type=float, default=60.0, help="bound on every wait of a KV transfer, seconds")
     arg("--drain-timeout", type=float, default=30.0, help="on SIGTERM: stop admitting, leave the registry, let "
@@ -222,12 +236,13 @@ def engine_params(s: worker_pb2.WorkerSampling):
     return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens,
                           seed=s.seed, stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
                           logprobs=s.logprobs or None, json_schema=s.json_schema or None,
-                          grammar_replay=s.grammar_replay)
+                          grammar_replay=s.grammar_replay, skip_prefix_cache=s.skip_prefix_cache)
 
 
 def token_pb(out) -> worker_pb2.Token:
     """An engine ``StepOutput`` on the wire."""
-    tok = worker_pb2.Token(token_id=out.token_id, finished=bool(out.finished), finish_reason=out.finish_reason or "")
+    tok = worker_pb2.Token(token_id=out.token_id, finished=bool(out.finished), finish_reason=out.finish_reason or "",
+                           cached_tokens=out.cached_tokens or 0)
     if out.logprob is not None:
         top = sorted((out.top_logprobs or {}).items(), key=lambda kv: -kv[1])
         tok.logprobs.CopyFrom(serving_pb2.Logprobs(token_id=out.token_id, logprob=out.logprob, top=[
@@ -279,10 +294,12 @@ def serve_worker(role: str, args, servicer, add_to_server, load, max_threads: in
                       model=os.path.basename(os.path.abspath(args.model)),
                       page_size=servicer.engine.layout.page_size,  # the router counts this worker's pages in it
                       ep_group=getattr(args, "ep_group", ""), ep_rank=args.ep_rank or 0, ep_size=args.ep_size,
-                      weight_bytes=servicer.engine.weight_bytes["total"])
+                      weight_bytes=servicer.engine.weight_bytes["total"],
+                      cache_salt=servicer.engine.cache_salt if servicer.engine.prefix is not None else "")
     info.auth = auth.worker_signature(auth.internal_token(), info.worker_id, role, info.endpoint, transfer_endpoint)
     stop = threading.Event()
-    hb = Heartbeat(state, info, load, args.heartbeat_interval, watch_parent=args.exit_with_parent)
+    hb = Heartbeat(state, info, load, args.heartbeat_interval, watch_parent=args.exit_with_parent,
+                   cache=servicer.engine.allocator if servicer.engine.prefix is not None else None)
     hb.on_orphaned = stop.set
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -33,6 +33,11 @@ key                                type    contents
                                            ``running``, ``queued_requests``, ``queued_tokens``.
                                            Rewritten by every heartbeat; EXPIRE = heartbeat
                                            TTL (default 5 s), so a dead worker vanishes.
+``{prefix}worker:{worker_id}:kv`` SET    the prefix-cache keys (:mod:`dsv32_text.prefix_hash`)
+                                           of the pages the worker holds, updated each heartbeat
+                                           from its cache's publish/evict events (rewritten
+                                           whole if it drifted); same TTL as the hash. The
+                                           router asks it how much of a prompt each worker has.
 ``{prefix}request:{request_id}``   HASH    ``state`` (see below), ``created_at``, one
                                            ``{state}_at`` timestamp per state reached,
                                            ``updated_at``, ``router``, ``prefill_worker``,
@@ -103,8 +108,8 @@ from .records import (CREATE_LUA, DEFAULT_RECORD_TTL_S, DEFAULT_ROUTER_TTL_S, DE
                       InvalidTransition, create_args, orphans_pipe, reap_args, reap_candidates, router_alive_args,
                       transition_args)
 from .sessions import DEFAULT_SESSION_TTL_S, turn_pipe
-from .workers import (DEFAULT_PAGE_SIZE, ROLES, WorkerInfo, deregister_pipe, hashes_pipe, heartbeat_pipe,
-                      parse_workers)
+from .workers import (DEFAULT_PAGE_SIZE, ROLES, WorkerInfo, cache_keys_pipe, cached_prefix_pipe, deregister_pipe,
+                      hashes_pipe, heartbeat_pipe, leading_hits, parse_workers)
 
 __all__ = ["DEFAULT_PREFIX", "DEFAULT_HEARTBEAT_TTL_S", "DEFAULT_RECORD_TTL_S", "DEFAULT_SESSION_TTL_S",
            "DEFAULT_ROUTER_TTL_S", "DEFAULT_STALE_AFTER_S", "DEFAULT_PAGE_SIZE", "MAX_RECORDS_INDEXED", "ROLES",
@@ -126,6 +131,9 @@ class Keys:
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}worker:{worker_id}"
+
+    def worker_kv(self, worker_id: str) -> str:
+        return f"{self.prefix}worker:{worker_id}:kv"
 
     def router(self, router_id: str) -> str:
         return f"{self.prefix}router:{router_id}"
@@ -180,6 +188,11 @@ class ClusterState(_StateBase):
 
     def deregister(self, worker_id: str) -> None:
         deregister_pipe(self.client, self.keys, worker_id).execute()
+
+    def publish_cache_keys(self, worker_id: str, added, removed, full: list[str] | None = None) -> int:
+        """Apply a worker's prefix-cache events to its key set; returns the set's size after."""
+        return int(cache_keys_pipe(self.client, self.keys, worker_id, added, removed, self.heartbeat_ttl_ms,
+                                   full).execute()[-1])
 
     def workers(self, role: str | None = None) -> list[WorkerInfo]:
         ids = self.client.zrange(self.keys.workers, 0, -1)
@@ -262,6 +275,29 @@ class AsyncClusterState(_StateBase):
     async def deregister(self, worker_id: str) -> None:
         await deregister_pipe(self.client, self.keys, worker_id).execute()
 
+    async def cached_prefix_tokens(self, workers: list[WorkerInfo], prompt_ids: list[int]) -> dict[str, int]:
+        """Per worker (with a prefix cache): how many leading prompt tokens it holds, in whole pages."""
+        from dsv32_text.prefix_hash import page_hashes
+
+        ws = [w for w in workers if w.cache_salt]
+        if not ws:
+            return {}
+        memo: dict[tuple[str, int], list[str]] = {}
+        page_keys = {}
+        for w in ws:  # workers of one model share salt and page size: the keys are computed once
+            k = (w.cache_salt, w.page_size)
+            if k not in memo:
+                memo[k] = page_hashes(prompt_ids[:len(prompt_ids) - 1], w.page_size, w.cache_salt)
+            page_keys[w.worker_id] = memo[k]
+        ids = [w.worker_id for w in ws if page_keys[w.worker_id]]
+        if not ids:
+            return {w.worker_id: 0 for w in ws}
+        flags = await cached_prefix_pipe(self.client, self.keys, ids, page_keys).execute()
+        out = {w.worker_id: 0 for w in ws}
+        for w, f in zip((w for w in ws if page_keys[w.worker_id]), flags):
+            out[w.worker_id] = leading_hits(f) * w.page_size
+        return out
+
     async def workers(self, role: str | None = None) -> list[WorkerInfo]:
         ids = await self.client.zrange(self.keys.workers, 0, -1)
         alive, dead = parse_workers(ids, await hashes_pipe(self.client, self.keys, ids).execute(), role)
@@ -304,6 +340,10 @@ class AsyncClusterState(_StateBase):
     # -- sessions -------------------------------------------------------------
     async def session(self, session_id: str) -> dict[str, str]:
         return await self.client.hgetall(self.keys.session(session_id))
+
+    async def end_session(self, session_id: str) -> bool:
+        """Delete a session's record and turn list; whether it existed."""
+        return bool(await self.client.delete(self.keys.session(session_id), self.keys.session_turns(session_id)))
 
     async def record_turn(self, session_id: str, request_id: str, decode_worker: str, prompt_tokens: int,
                           completion_tokens: int) -> None:

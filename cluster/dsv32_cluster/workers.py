@@ -44,6 +44,9 @@ class WorkerInfo:
     collectives fail, so routers skip every rank of it (:func:`complete_groups`)."""
     weight_bytes: int = 0
     """Resident weight bytes of this worker (an EP rank: its share of the routed experts + the rest)."""
+    cache_salt: str = ""
+    """Root of this worker's prefix-cache keys (:mod:`dsv32_text.prefix_hash`; model, numerics, dtype, page
+    size); empty: no prefix cache. The keys it holds are the set ``{prefix}worker:{id}:kv``."""
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
     started_at: float = field(default_factory=time.time)
@@ -102,6 +105,7 @@ def heartbeat_pipe(client, keys, info: WorkerInfo, ttl_ms: int):
 def deregister_pipe(client, keys, worker_id: str):
     pipe = client.pipeline(transaction=True)
     pipe.delete(keys.worker(worker_id))
+    pipe.delete(keys.worker_kv(worker_id))
     pipe.zrem(keys.workers, worker_id)
     return pipe
 
@@ -124,3 +128,37 @@ def parse_workers(ids: list[str], hashes: list[dict], role: str | None) -> tuple
             if role is None or info.role == role:
                 alive.append(info)
     return alive, dead
+
+
+def cache_keys_pipe(client, keys, worker_id: str, added, removed, ttl_ms: int, full: list[str] | None = None):
+    """Update the set of prefix-cache keys a worker holds (``full``: rewrite it whole); ends with SCARD, so
+    the caller can tell a set that drifted (lost to a Redis restart) and rewrite it."""
+    key = keys.worker_kv(worker_id)
+    pipe = client.pipeline(transaction=True)
+    if full is not None:
+        pipe.delete(key)
+        added, removed = full, ()
+    if added:
+        pipe.sadd(key, *added)
+    if removed:
+        pipe.srem(key, *removed)
+    pipe.pexpire(key, ttl_ms)
+    pipe.scard(key)
+    return pipe
+
+
+def cached_prefix_pipe(client, keys, worker_ids: list[str], page_keys: dict[str, list[str]]):
+    """For each worker, which of its prompt page keys it holds (SMISMEMBER; the longest leading run counts)."""
+    pipe = client.pipeline(transaction=False)
+    for wid in worker_ids:
+        pipe.smismember(keys.worker_kv(wid), page_keys[wid])
+    return pipe
+
+
+def leading_hits(flags: list) -> int:
+    n = 0
+    for f in flags:
+        if not int(f):
+            break
+        n += 1
+    return n

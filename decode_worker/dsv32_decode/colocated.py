@@ -55,4 +55,6 @@ class ColocatedService(DecodeService):
 
 def run(args: argparse.Namespace) -> int:
     engine = start_worker("colocated", args)  # --ep-size N: this process is rank 0 and starts the others
-    return serve(args, ColocatedService(args.worker_id, engine))
+    svc = ColocatedService(args.worker_id, engine)
+    svc.sessions.ttl_s = args.session_ttl
+    return serve(args, svc)

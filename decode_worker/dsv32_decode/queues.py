@@ -42,6 +42,17 @@ class Reservation:
     prefill_worker_id: str
     expires_at: float
     taken: bool = False
+    cached_pages: int = 0
+    """The first ``cached_pages`` of ``page_ids`` came from the prefix cache (the prompt's leading
+    tokens are already here): only the rest is transferred."""
+    local: bool = False
+    """The uncached rest of the prompt is short: this worker prefills it (no transfer)."""
+    session_id: str = ""
+
+    @property
+    def transfer_pages(self) -> list[int]:
+        """The pages the KV transfer writes (none when the prompt is prefilled here)."""
+        return [] if self.local else self.page_ids[self.cached_pages:]
 
 
 class PreallocQueue:
@@ -56,26 +67,37 @@ class PreallocQueue:
         self.on_change = lambda: None  # load changed (the heartbeat reports it at once)
 
     def reserve(self, request_id: str, transfer_id: str, num_prompt: int, max_tokens: int, prefill_worker_id: str,
-                lease_s: float, prompt_pages: bool = True) -> Reservation | None:
+                lease_s: float, prompt_pages: bool = True, prompt_ids: list[int] | None = None,
+                params=None, local_prefill_tokens: int = 0, session_id: str = "") -> Reservation | None:
         """Pages for the prompt now, capacity for prompt + max_tokens; None if full.
         ``prompt_pages=False`` (colocated worker): capacity only; the engine takes
-        the pages itself as it prefills, within the commitment."""
+        the pages itself as it prefills, within the commitment.
+        ``prompt_ids``: the prompt's leading full pages that the prefix cache holds are acquired instead
+        of allocated (and not transferred); if what is left is at most ``local_prefill_tokens``, this
+        worker prefills it itself (``local``) and takes no page for it now."""
         layout = self.engine.layout
-        need_now = layout.pages_for(num_prompt) if prompt_pages else 0
         commit = layout.pages_for(num_prompt + max_tokens)
         with self._mu:
             if request_id in self._by_id:
                 raise KeyError(f"request {request_id} already holds a reservation here")
             if self.committed_pages + commit > self.engine.allocator.num_total:
                 return None
-            pages = []
-            if need_now:  # (the engine lock is held for a whole step: not taken when there is nothing to take)
+            pages, cached, local = [], 0, False
+            if prompt_pages:  # (the engine lock is held for a whole step: not taken when there is nothing to take)
                 with self.lock:
+                    if prompt_ids:
+                        pages = self.engine.match_prefix(prompt_ids, params)
+                        cached = len(pages)
+                        local = bool(cached) and num_prompt - cached * layout.page_size <= local_prefill_tokens
+                    need_now = 0 if local else layout.pages_for(num_prompt) - cached
                     if not self.engine.allocator.can_allocate(need_now):
+                        if pages:
+                            self.engine.allocator.free(pages)
                         return None
-                    pages = self.engine.allocator.allocate(need_now)
+                    pages += self.engine.allocator.allocate(need_now)
             self.committed_pages += commit
-            res = Reservation(request_id, transfer_id, pages, commit, prefill_worker_id, time.monotonic() + lease_s)
+            res = Reservation(request_id, transfer_id, pages, commit, prefill_worker_id, time.monotonic() + lease_s,
+                              cached_pages=cached, local=local, session_id=session_id)
             self._by_id[request_id] = res
         self.on_change()
         return res
@@ -155,6 +177,11 @@ class Admission:
     page_ids: list[int] | None
     """The received prompt cache; None: the engine prefills the prompt itself (colocated)."""
     first: object  # dsv32_engine.engine.StepOutput from the prefill worker; None when colocated
+    cached_pages: list[int] = field(default_factory=list)
+    """With ``page_ids`` None: the prompt's leading pages from this worker's prefix cache, handed to the
+    engine, which prefills only the rest."""
+    session_id: str = ""
+    generated: list[int] = field(default_factory=list)  # token ids streamed so far
     created: float = field(default_factory=time.monotonic)
     out: queue.Queue = field(default_factory=queue.Queue)
     """Receives lists of StepOutput, then ``None`` when the request leaves the
@@ -166,6 +193,7 @@ class RunningBatch:
 
     def __init__(self, engine, engine_lock: threading.Lock, on_leave, idle_wait_s: float = 0.05):
         self.engine, self.lock, self.on_leave = engine, engine_lock, on_leave
+        self.on_finished = lambda adm: None  # a request left the batch having finished (not aborted)
         self.idle_wait_s = idle_wait_s
         self._inbox: deque = deque()
         self._wake = threading.Event()
@@ -210,6 +238,11 @@ class RunningBatch:
             self.finished += 1
         metrics.process().requests("aborted" if aborted else "finished").inc()
         adm.out.put(None)
+        if not aborted:
+            try:
+                self.on_finished(adm)
+            except Exception:
+                log.exception("after %s finished", rid)
         self.on_leave(rid)
 
     def _drain_inbox(self) -> None:
@@ -223,11 +256,13 @@ class RunningBatch:
                 try:
                     with self.lock:
                         if item.page_ids is None:
-                            self.engine.add_request(item.request_id, item.prompt_ids, item.params)
+                            self.engine.add_request(item.request_id, item.prompt_ids, item.params,
+                                                    cached_pages=item.cached_pages)
                             metrics.process().prompt_tokens.inc(len(item.prompt_ids))
                         else:
                             self.engine.add_prefilled(item.request_id, item.prompt_ids, item.params, item.page_ids,
                                                       item.first)
+                            item.generated.append(item.first.token_id)
                 except Exception as e:  # refused: the pages never became the engine's
                     log.error("admission of %s refused: %s", item.request_id, e)
                     self._refuse(item, e)
@@ -248,10 +283,10 @@ class RunningBatch:
 
     def _refuse(self, item: Admission, error: Exception | None) -> None:
         """An admission that does not run: its pages go back, its stream ends (``error`` or aborted)."""
-        if item.page_ids:
+        if item.page_ids or item.cached_pages:
             try:
                 with self.lock:
-                    self.engine.allocator.free(item.page_ids)
+                    self.engine.allocator.free(item.page_ids or item.cached_pages)
             except Exception:
                 log.exception("freeing the pages of refused %s", item.request_id)
         if error is not None:
@@ -287,6 +322,7 @@ class RunningBatch:
                     adm = self._live.get(rid)
                     if adm is None:
                         continue
+                    adm.generated += [t.token_id for t in tokens]
                     adm.out.put(tokens)
                     if tokens[-1].finished:
                         self._leave(rid, aborted=False)

@@ -24,6 +24,7 @@ from dsv32_proto import worker_pb2, worker_pb2_grpc
 from dsv32_cluster import tracing
 from dsv32_cluster.envflags import add_env_argument
 from dsv32_cluster.heartbeat import WorkerLoad
+from dsv32_cluster.sessions import DEFAULT_SESSION_TTL_S
 from dsv32_cluster.runtime import (add_worker_arguments, advertised_host, drain, engine_params, serve_worker,
                                    start_worker, step_output, token_pb)
 
@@ -39,8 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "renewed while the KV arrives")
     add_env_argument(p, "--max-reserve-hold", type=float, default=MAX_HOLD_S,
                      help="cap on how long a reservation may wait for its Decode stream, renewals included, seconds")
+    add_env_argument(p, "--local-prefill-tokens", type=int, default=LOCAL_PREFILL_TOKENS,
+                     help="when this worker's prefix cache holds the start of a prompt and at most this many "
+                          "prompt tokens are left, it prefills them itself instead of receiving them (0 = never)")
 
 
+LOCAL_PREFILL_TOKENS = 128
 MAX_LEASE_S = 60.0
 MAX_HOLD_S = 900.0
 MAX_TOKENS = 1 << 24
@@ -62,6 +67,11 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                           if receiver is not None else None)
         self.accepting = True
         self.max_lease_s, self.max_hold_s = MAX_LEASE_S, MAX_HOLD_S
+        self.local_prefill_tokens = LOCAL_PREFILL_TOKENS if receiver is not None else 0
+        from dsv32_engine.prefix_cache import SessionPages
+
+        self.sessions = SessionPages(engine, self.lock, DEFAULT_SESSION_TTL_S)
+        self.batch.on_finished = self._finished
         self.leases: dict[str, tuple[float, float]] = {}  # request id -> (lease, hold cap): renewal on progress
         # what prefill workers dial (serve() may advertise another host)
         self.transfer_endpoint = receiver.endpoint if receiver is not None else ""
@@ -80,6 +90,11 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_tokens: must be in [0, {limit}]")
         if self.receives_kv and not request.prefill_worker_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prefill_worker_id: required")
+        if request.prompt_ids and len(request.prompt_ids) != request.num_prompt_tokens:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt_ids: {len(request.prompt_ids)} ids for "
+                          f"num_prompt_tokens {request.num_prompt_tokens}")
+        if len(request.session_id) > 256:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id: at most 256 characters")
         lease = request.lease_s
         if not math.isfinite(lease) or lease <= 0:  # 0: not given
             lease = self.max_lease_s
@@ -92,27 +107,34 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         tid = f"{request.request_id}/{uuid.uuid4().hex[:8]}"
         try:
             res = self.prealloc.reserve(request.request_id, tid, request.num_prompt_tokens, max(1, request.max_tokens),
-                                        request.prefill_worker_id, lease, prompt_pages=self.receives_kv)
+                                        request.prefill_worker_id, lease, prompt_pages=self.receives_kv,
+                                        prompt_ids=list(request.prompt_ids),
+                                        params=engine_params(worker_pb2.WorkerSampling(
+                                            skip_prefix_cache=request.skip_prefix_cache)),
+                                        local_prefill_tokens=self.local_prefill_tokens,
+                                        session_id=request.session_id)
         except KeyError as e:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
         if res is None:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"decode worker {self.worker_id}: {self.free_pages()} of {self.engine.allocator.num_total} "
                           "pages uncommitted; not enough for this request")
-        token = secrets.token_hex(16) if self.receives_kv else ""
-        if self.receives_kv:
+        transfer = self.receives_kv and not res.local
+        token = secrets.token_hex(16) if transfer else ""
+        if transfer:
             try:
-                self.receiver.expect(tid, request.prefill_worker_id, res.page_ids, token=token)
+                self.receiver.expect(tid, request.prefill_worker_id, res.transfer_pages, token=token)
             except Exception as e:
                 self.prealloc.drop(request.request_id, free_pages=True)
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"KV receiver refused the transfer: {e}")
-        if self.receives_kv:  # renewed on the transfer's progress (renew_leases)
+            # renewed on the transfer's progress (renew_leases)
             self.leases[request.request_id] = (lease, time.monotonic() + self.max_hold_s)
         layout, layers = self.engine.layout, len(self.engine.cache.latent)
         return worker_pb2.ReserveResponse(
-            decode_worker_id=self.worker_id, transfer_endpoint=self.transfer_endpoint, transfer_id=tid,
-            page_ids=res.page_ids, page_size=layout.page_size, transfer_token=token, lease_s=lease,
-            expected_bytes=len(res.page_ids) * layers * self.page_bytes())
+            decode_worker_id=self.worker_id, transfer_endpoint=self.transfer_endpoint if transfer else "",
+            transfer_id=tid, page_ids=res.transfer_pages, page_size=layout.page_size, transfer_token=token,
+            lease_s=lease, expected_bytes=len(res.transfer_pages) * layers * self.page_bytes(),
+            cached_tokens=res.cached_pages * layout.page_size, local_prefill=res.local)
 
     def _renew(self, request, context):
         """The router's prompt still waits on its prefill worker: extend the reservation (capped as ever)."""
@@ -155,7 +177,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         tracing.current().set_attributes({tracing.REQUEST_ID: rid, tracing.WORKER: self.worker_id,
                                           tracing.PROMPT_TOKENS: len(request.prompt_ids)})
         try:
-            yield from self._stream(adm, context, request.first if self.receives_kv else None)
+            yield from self._stream(adm, context, request.first if self.receives_kv and not res.local else None)
         finally:
             if self.transfers is not None and self.transfers.discard(rid):
                 self.prealloc.drop(rid, free_pages=True)  # the stream ended before its KV arrived
@@ -164,12 +186,21 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
 
     def _admission(self, request, res, context) -> Admission:
         """The request, handed to the transfer queue: it joins the running batch once its KV is here and
-        verified, and the stream's first message echoes the prefill worker's first token."""
+        verified, and the stream's first message echoes the prefill worker's first token. (A reservation
+        that is ``local``: straight to the running batch, which prefills the uncached rest.)"""
+        if res.local:
+            if request.HasField("first"):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"first: decode worker {self.worker_id} prefills "
+                              "this prompt itself (its reservation said local_prefill)")
+            adm = Admission(request.request_id, list(request.prompt_ids), engine_params(request.sampling),
+                            page_ids=None, first=None, cached_pages=res.page_ids, session_id=res.session_id)
+            self.batch.admit(adm)
+            return adm
         if not request.HasField("first"):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"first: missing; decode worker {self.worker_id} "
                           "continues from the prefill worker's first token")
         adm = Admission(request.request_id, list(request.prompt_ids), engine_params(request.sampling), res.page_ids,
-                        step_output(request.request_id, request.first))
+                        step_output(request.request_id, request.first), session_id=res.session_id)
         self.transfers.add(Incoming(adm, res.transfer_id, request.checksum, request.sent_bytes,
                                     deadline=time.monotonic() + self.transfer_timeout_s))
         return adm
@@ -245,6 +276,17 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.batch.abort(rid)
         return how == "taken"
 
+    def _finished(self, adm: Admission) -> None:
+        """A session's turn ended here: its pages stay cached for the next turn, until the session ends."""
+        self.sessions.note(adm.session_id, adm.prompt_ids + adm.generated)
+
+    def ReleaseSession(self, request, context):
+        if not request.session_id or len(request.session_id) > 256:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id: must be 1-256 characters")
+        n = self.sessions.release(request.session_id)
+        self.prealloc.on_change()
+        return worker_pb2.ReleaseSessionResponse(released_pages=n)
+
     def renew_leases(self) -> None:
         """A reservation whose KV is arriving keeps its pages: its lease restarts at each sign of progress
         (announcement, message landed), up to the hold cap."""
@@ -290,7 +332,9 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             worker_id=self.worker_id, role=self.role, **self.load().stats_fields(),
             prefill_forward_tokens=st.get("prefill_tokens", 0), decode_steps=self.batch.steps,
             bytes_received=c.get("bytes_received", 0), checksum_failures=c.get("checksum_failures", 0),
-            requests_finished=self.batch.finished, requests_aborted=self.batch.aborted)
+            requests_finished=self.batch.finished, requests_aborted=self.batch.aborted,
+            cached_pages=self.engine.allocator.num_cached,
+            cached_tokens=self.engine.prefix.hit_tokens if self.engine.prefix is not None else 0)
 
     def Stats(self, request, context):
         return self.stats()
@@ -308,6 +352,8 @@ def run(args: argparse.Namespace) -> int:
                           require_auth=True, announce_timeout_s=args.max_reserve_hold)
     svc = DecodeService(worker_id, engine, receiver, args.transfer_timeout)
     svc.max_lease_s, svc.max_hold_s = args.max_reserve_lease, args.max_reserve_hold
+    svc.local_prefill_tokens = args.local_prefill_tokens
+    svc.sessions.ttl_s = args.session_ttl
     svc.transfer_endpoint = f"{advertised_host(args)}:{receiver.port}"
     return serve(args, svc)
 
@@ -323,6 +369,7 @@ def serve(args: argparse.Namespace, svc: DecodeService) -> int:
         try:
             svc.renew_leases()
             svc.prealloc.expire()
+            svc.sessions.expire()  # sessions past their TTL give their pages back
         except Exception:
             log.exception("lease upkeep")
         why = svc.healthy()

@@ -8,11 +8,13 @@ the default on CUDA). What changes is how it stores and attends:
 1. ``store_kv`` writes the step's latent ``[c ‖ k_pe]`` and indexer keys into the
    paged pools in one op (the same bytes as ``paged.store_latent`` / ``store_index_key``);
 2. selection: with an indexer and a context longer than ``index_topk``,
-   ``indexer_logits_decode`` (paged keys) or ``indexer_logits_prefill`` (the
-   sequence's keys gathered into one ragged block, ``ke = position + 1``) then
-   ``topk_indices`` give each query its physical slots (``-1`` padded); otherwise
-   (short context, or a ``deepseek_v3`` model without indexer) the indices are
-   every causal position;
+   ``indexer_logits_decode`` (paged keys; only the rows of a decode batch whose
+   context exceeds top-k) or ``indexer_logits_prefill`` (the sequence's keys
+   gathered into one ragged block, ``ke = position + 1``) then ``topk_indices``
+   give each query its physical slots in ascending position order (``-1``
+   padded); otherwise (short context, or a ``deepseek_v3`` model without
+   indexer) the indices are every causal position, which is bit for bit what the
+   indexer would select;
 3. attention in the absorbed MQA form for decode *and* prefill (spec §3.1):
    ``q = [q_nope·W_UK ‖ q_pe]`` (576 for V3.2) against the cached 576 values of
    the selected slots (``sparse_mla_decode`` / ``sparse_mla_prefill``), then
@@ -106,14 +108,17 @@ class KernelAttention(Attention):
                                                  padding_value=-1).to(torch.int32)
         lens = torch.tensor([s.context_len for s in seqs], dtype=torch.int32, device=dev)
         lmax = max(s.context_len for s in seqs)
-        if iq is not None and lmax > topk:
-            logits = K.indexer_logits_decode(iq.q[rows, None], iq.w[rows, None], cache.index[self.layer], tables, lens,
-                                             self.layout, None if iq.scale is None else iq.scale[rows, None],
-                                             max_ctx=lmax)
-            logical, physical = K.topk_indices(logits, topk, tables, page_size=page)  # [B, 1, topk]
-            logical, physical = logical[:, 0], physical[:, 0]
-        else:
-            logical, physical = _all_positions(tables, lens, lmax, page)
+        indexed = [] if iq is None else [b for b, s in enumerate(seqs) if self._uses_indexer(s.context_len)]
+        width = min(topk, lmax) if indexed else lmax
+        logical, physical = _all_positions(tables, lens, width, page)  # contexts that fit: every visible position
+        if indexed:
+            sub = torch.tensor(indexed, device=dev)
+            r = rows[sub]
+            logits = K.indexer_logits_decode(iq.q[r, None], iq.w[r, None], cache.index[self.layer], tables[sub],
+                                             lens[sub], self.layout, None if iq.scale is None else iq.scale[r, None],
+                                             max_ctx=max(seqs[b].context_len for b in indexed))
+            lg, ph = K.topk_indices(logits, width, tables[sub], page_size=page, by_position=True)  # [R, 1, width]
+            logical[sub], physical[sub] = lg[:, 0], ph[:, 0]
         o_lat, _ = K.sparse_mla_decode(q_abs[rows], cache.latent[self.layer], physical, self.scale, self.layout)
         out[rows] = torch.einsum("bhc,hdc->bhd", o_lat.to(out.dtype), w_uv)
         if batch.record_topk is not None:
@@ -128,7 +133,7 @@ class KernelAttention(Attention):
         table = s.block_table[None].to(torch.int32)
         pos_ctx = torch.arange(L, device=dev)
         slots = s.block_table[pos_ctx // page] * page + pos_ctx % page
-        use_index = iq is not None and L > self.cfg.index_topk
+        use_index = iq is not None and self._uses_indexer(L)
         if use_index:  # DeepGEMM fp8_mqa_logits form
             index_pool = cache.index[self.layer]
             if layout.mode == "fp8":
@@ -147,7 +152,8 @@ class KernelAttention(Attention):
                 ke = (q_pos + 1).to(torch.int32)
                 logits = K.indexer_logits_prefill(iq.q[rows], iq.w[rows], k_ctx, k_scale, ks, ke,
                                                   None if iq.scale is None else iq.scale[rows])
-                logical, physical = K.topk_indices(logits, self.cfg.index_topk, table, page_size=page)  # [rows, topk]
+                logical, physical = K.topk_indices(logits, min(self.cfg.index_topk, L), table, page_size=page,
+                                                   by_position=True)  # [rows, topk]
             else:
                 ok = pos_ctx[None, :] <= q_pos[:, None]
                 logical = torch.where(ok, pos_ctx[None, :], -1).to(torch.int32)

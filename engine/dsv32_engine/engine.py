@@ -26,6 +26,8 @@ from .model import DeepseekV32ForCausalLM, ForwardBatch, SeqSpan, resolve_backen
 from .sampler import sample, top_logprobs
 from .sampling_params import SamplingParams
 from .scripted import ScriptedOutput
+from dsv32_text.prefix_hash import page_hashes
+from .prefix_cache import PrefixCaching
 from .scheduler import Request, ScheduledChunk, Scheduler
 from .weights import load_weights, resident_weight_bytes
 
@@ -40,6 +42,8 @@ class StepOutput:
     top_logprobs: dict[int, float] | None = None
     finished: bool = False
     finish_reason: str | None = None
+    cached_tokens: int | None = None
+    """On a request's first token: its prompt tokens that came from the prefix cache."""
 
 
 @dataclass
@@ -85,6 +89,14 @@ def _dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[name]
 
 
+def _fingerprint(model_dir) -> str:
+    """What identifies a checkpoint's numbers: its config and its weight files' names and sizes."""
+    d = Path(model_dir)
+    parts = [(d / "config.json").read_text() if (d / "config.json").is_file() else ""]
+    parts += [f"{f.name}:{f.stat().st_size}" for f in sorted(d.glob("*.safetensors"))]
+    return "|".join(parts)
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig | str | Path, *, ep: EPConfig | None = None, **options):
         """``EngineCore(EngineConfig(...))``, or ``EngineCore(model_dir, **options)`` with the
@@ -108,7 +120,8 @@ class EngineCore:
         with torch.device("meta"):
             self.model = DeepseekV32ForCausalLM(cfg, self.layout, self.attention_backend, self.ep, placement)
         load_weights(self.model, cfg, model_dir, self.dtype, self.device,
-                     placement.local_experts(ep.rank) if placement is not None else None)
+                     placement.local_experts(ep.rank) if placement is not None else None,
+                     weight_format=ec.weight_format)
         self.model.eval()
         self.weight_bytes = resident_weight_bytes(self.model)
         self.group_idle = True  # after a step: no rank of the group (this engine alone without EP) had work
@@ -123,13 +136,20 @@ class EngineCore:
             num_pages = KVCache.pages_that_fit(self.layout, cfg.num_hidden_layers, DEFAULT_CACHE_BYTES)
         self.cache = KVCache(self.layout, cfg.num_hidden_layers, num_pages, self.device, with_index=cfg.has_indexer)
         self.allocator = PageAllocator(num_pages)
-        self.scheduler = Scheduler(self.allocator, self.layout.page_size, max_num_seqs, max_num_batched_tokens)
+        # (on CUDA the fp8 weight path rounds activations: its pages differ from the dequantised path's)
+        self.cache_salt = PrefixCaching.salt_for(_fingerprint(model_dir), numerics, f"{self.dtype}/{ec.weight_format}",
+                                                 self.layout.page_size)
+        self.prefix = PrefixCaching(self.allocator, self.layout.page_size, self.cache_salt) if ec.prefix_caching \
+            else None
+        self.scheduler = Scheduler(self.allocator, self.layout.page_size, max_num_seqs, max_num_batched_tokens,
+                                   self.prefix)
         self.max_num_batched_tokens = max_num_batched_tokens
         self._requests: dict[str, Request] = {}
         self._grammars: dict[str, object] = {}  # request id -> Grammar (structured output)
         self._grammar_tokenizer = None  # built at the first constrained request
         self._rng = random.Random(seed)
-        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "forward_calls": 0, "idle_forwards": 0}
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "forward_calls": 0, "idle_forwards": 0,
+                      "cached_tokens": 0}
 
     # -- requests ------------------------------------------------------------------
     def _make_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
@@ -140,7 +160,9 @@ class EngineCore:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         if params.json_schema:
             self._grammars[request_id] = self._grammar(params, prompt_ids)
-        return Request(request_id, list(prompt_ids), params, seed)
+        req = Request(request_id, list(prompt_ids), params, seed)
+        req.cacheable = self.prefix is not None and not params.skip_prefix_cache
+        return req
 
     def _check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -160,8 +182,18 @@ class EngineCore:
         n = params.grammar_replay
         return self._grammar_tokenizer.grammar(params.json_schema, list(prompt_ids[len(prompt_ids) - n:]) if n else [])
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    cached_pages: list[int] | None = None) -> None:
+        """``cached_pages``: pages of the prompt's leading tokens that the caller acquired from the prefix
+        cache (``match_prefix``); the engine takes them over and computes only the rest."""
         req = self._make_request(request_id, prompt_ids, params)
+        if cached_pages:
+            n = len(cached_pages) * self.layout.page_size
+            if n >= len(prompt_ids):
+                raise ValueError(f"request {request_id}: {len(cached_pages)} cached pages cover the whole prompt; "
+                                 "its last token must be computed")
+            req.pages = list(cached_pages)
+            req.num_computed = req.num_published = req.num_cached = n
         self._requests[request_id] = req
         self.scheduler.waiting.append(req)
 
@@ -170,6 +202,7 @@ class EngineCore:
         """Admit a request whose prompt cache already sits in ``page_ids`` (now owned by the engine)."""
         req = self._make_request(request_id, prompt_ids, params)
         req.pages, req.num_computed = list(page_ids), len(prompt_ids)
+        self.scheduler.publish([req])
         req.output_ids.append(first.token_id)
         self._requests[request_id] = req
         if request_id in self._grammars:
@@ -206,7 +239,11 @@ class EngineCore:
         outs = self._sample([c.request for c in chunks if c.samples], logits)
         for c in chunks:
             c.request.num_computed = c.start + c.num
+        self.scheduler.publish([c.request for c in chunks])
         for req, out in outs:
+            if not req.output_ids:
+                out.cached_tokens = req.num_cached
+                self.stats["cached_tokens"] += req.num_cached
             req.output_ids.append(out.token_id)
             reason = self._stop_reason(req, out.token_id)
             if reason:
@@ -233,6 +270,7 @@ class EngineCore:
             if len(r.page_ids) * self.layout.page_size < r.stop:
                 raise ValueError(f"request {r.request_id}: {len(r.page_ids)} pages cannot hold {r.stop} tokens")
             req.pages, req.num_computed = list(r.page_ids), r.start
+            req.cacheable = self.prefix is not None and not r.params.skip_prefix_cache
             states.append(req)
         # The whole batch runs as one layer-major forward: each layer's cache is complete (every token of
         # every chunk) when ``on_layer_done`` fires, so the KV sender overlaps the transfer of layer l with
@@ -249,7 +287,22 @@ class EngineCore:
         for c in chunks:
             c.request.num_computed = c.start + c.num
             self._grammars.pop(c.request.request_id, None)  # the decode worker rebuilds it (first token replayed)
+        self.scheduler.publish([c.request for c in chunks])
         return [results.get(r.request_id) for r in reqs]
+
+    def match_prefix(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                     acquire: bool = True) -> list[int]:
+        """For a caller that owns a request's pages (the prefill worker, a decode worker's reservation):
+        acquire the cached pages of the prompt's longest full-page prefix (at least its last token stays
+        to compute). The caller owns a reference on each and frees them with the rest of its pages.
+        ``acquire=False``: only look."""
+        if self.prefix is None or (params is not None and params.skip_prefix_cache):
+            return []
+        return self.prefix.match(list(prompt_ids), acquire=acquire)
+
+    def page_keys(self, token_ids: list[int]) -> list[str]:
+        """Prefix-cache keys of the full pages of ``token_ids`` in this engine's cache."""
+        return page_hashes(list(token_ids), self.layout.page_size, self.cache_salt)
 
     @torch.inference_mode()
     def idle_step(self) -> bool:

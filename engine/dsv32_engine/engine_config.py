@@ -19,6 +19,7 @@ from .config import ConfigError
 
 NUMERICS = ("exact", "fp8")
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16")
+WEIGHT_FORMATS = ("fp8", "dequant")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,14 @@ class EngineConfig:
     """Draws the sampling seed of each request that brings none; default: random."""
     attention_backend: str | None = None
     """torch (the model's own MLA paths) | kernels (dsv32_kernels; Triton on CUDA); default: kernels on CUDA."""
+    weight_format: str = "fp8"
+    """How an FP8 checkpoint's block-scaled weights are held: fp8 = as stored (e4m3 + weight_scale_inv; fp8_gemm
+    on CUDA, dequantised block by block per product on CPU) | dequant = dequantised to the compute dtype at load.
+    Checkpoints without FP8 weights load as stored either way."""
+    prefix_caching: bool = True
+    """on | off: keep computed full pages (latent and indexer) in a prefix cache keyed by their tokens, shared by
+    later requests with the same prefix; unreferenced ones are evicted, least recently used first, when pages run
+    out."""
 
     def __post_init__(self) -> None:
         # accepted for convenience, stored as plain strings: a path, a torch.dtype
@@ -59,6 +68,8 @@ class EngineConfig:
             bad.append(f"numerics must be one of {NUMERICS}, got {self.numerics!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             bad.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.weight_format not in WEIGHT_FORMATS:
+            bad.append(f"weight_format must be one of {WEIGHT_FORMATS}, got {self.weight_format!r}")
         for name, low, optional in (("num_pages", 1, True), ("max_num_seqs", 1, False),
                                     ("max_num_batched_tokens", 1, False), ("max_model_len", 1, True)):
             value = getattr(self, name)
@@ -66,6 +77,8 @@ class EngineConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 bad.append(f"{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.prefix_caching, bool):
+            bad.append(f"prefix_caching must be a bool, got {self.prefix_caching!r}")
         if bad:
             raise ConfigError("engine config: " + "; ".join(bad))
 

@@ -93,6 +93,7 @@ class _Collect:
         self.token_ids: list[int] = []
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.cum = 0.0
+        self.cached = 0
         self.text = ""
         self.finish_reason: str | None = None
         self.stop_reason = None
@@ -102,6 +103,8 @@ class _Collect:
         if self.finish_reason is not None:
             return ""
         self.token_ids.append(out.token_id)
+        if out.cached_tokens is not None:
+            self.cached = out.cached_tokens
         if self.logprobs is not None:
             self.logprobs.append(out.top_logprobs or {})
             self.cum += out.logprob or 0.0
@@ -128,4 +131,4 @@ class _Collect:
     def result(self) -> RequestOutput:
         comp = CompletionOutput(0, self.text, self.token_ids, self.logprobs, self.finish_reason or "abort",
                                 self.stop_reason, self.cum if self.logprobs is not None else None)
-        return RequestOutput(self.rid, self.prompt, self.prompt_ids, [comp])
+        return RequestOutput(self.rid, self.prompt, self.prompt_ids, [comp], num_cached_tokens=self.cached)

@@ -29,6 +29,7 @@ from dsv32_kernels.layout import CacheLayout
 from .attention import Attention, Projected, TorchAttention
 from .attention_kernels import KernelAttention
 from .config import ModelConfig
+from .fp8_linear import Linear
 from .moe import MLP, MoE
 from .parallel import EPGroup, ExpertPlacement
 from .rope import Rotary, rope_half, rope_interleaved
@@ -79,8 +80,8 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def _linear(i: int, o: int) -> nn.Linear:
-    return nn.Linear(i, o, bias=False)
+def _linear(i: int, o: int) -> Linear:
+    return Linear(i, o)  # bias-free; FP8 + weight_scale_inv when the loader keeps a checkpoint's FP8 weights
 
 
 class Indexer(nn.Module):

@@ -23,15 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .fp8_linear import Linear, expert_matmul
 from .parallel import EPGroup, ExpertPlacement
 
 
 class MLP(nn.Module):
     def __init__(self, hidden: int, inter: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inter)
+        self.up_proj = Linear(hidden, inter)
+        self.down_proj = Linear(inter, hidden)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -62,7 +63,13 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts this rank holds, stacked: ``[local experts, ...]`` (all of them without EP)."""
+    """The routed experts this rank holds, stacked: ``[local experts, ...]`` (all of them without EP).
+
+    Each projection is in the compute dtype, or FP8 as stored with its ``*_scale_inv``
+    ``[E, ceil(out/128), ceil(in/128)]`` beside it (set by the loader: ``weight_format="fp8"``).
+    """
+
+    PROJS = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, cfg: ModelConfig, num_local: int | None = None):
         super().__init__()
@@ -70,6 +77,8 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(E, I, D))
         self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        for name in self.PROJS:
+            self.register_parameter(f"{name}_scale_inv", None)
 
     def run(self, rows: torch.Tensor, expert: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
         """Pair p runs local expert ``expert[p]`` on row ``rows[src[p]]`` (``rows[p]`` without ``src``)
@@ -90,8 +99,9 @@ class Experts(nn.Module):
         pos = torch.arange(expert.numel(), device=rows.device) - starts[e_sorted]
         buf = rows.new_zeros(active.numel(), int(counts.max()), rows.shape[-1])  # [A, M, D]
         buf[slot_of_expert[e_sorted], pos] = rows[order if src is None else src[order]]
-        h = F.silu(torch.bmm(buf, self.gate_proj[active].transpose(1, 2))) * torch.bmm(buf, self.up_proj[active].transpose(1, 2))
-        o = torch.bmm(h, self.down_proj[active].transpose(1, 2))          # [A, M, D]
+        h = (F.silu(expert_matmul(buf, self.gate_proj, self.gate_proj_scale_inv, active))
+             * expert_matmul(buf, self.up_proj, self.up_proj_scale_inv, active))
+        o = expert_matmul(h, self.down_proj, self.down_proj_scale_inv, active)  # [A, M, D]
         out = rows.new_empty((expert.numel(), rows.shape[-1]))
         out[order] = o[slot_of_expert[e_sorted], pos]
         return out

@@ -25,3 +25,5 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
+    num_cached_tokens: int = 0
+    """Prompt tokens whose cache came from the prefix cache (not computed for this request)."""

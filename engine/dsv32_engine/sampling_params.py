@@ -37,6 +37,8 @@ class SamplingParams:
     grammar_replay: int = 0
     """With ``json_schema``: the prompt's last n tokens were generated under it (a retry); the
     grammar consumes them first."""
+    skip_prefix_cache: bool = False
+    """Neither reuse cached prompt pages nor leave this request's pages in the prefix cache."""
 
     def validate(self, vocab_size: int | None = None) -> "SamplingParams":
         """Raise ``ValueError`` naming the offending field; returns self."""

@@ -4,7 +4,9 @@ Queues: ``waiting`` (admitted, no pages yet) → ``running`` (pages held; either
 mid-prefill, a chunk per step, or decoding one token per step) → finished
 (pages freed). Each step takes, within ``max_num_batched_tokens``: one token
 for every decoding request, then prefill chunks for the running requests
-that are mid-prefill, then new requests from ``waiting`` while pages last.
+that are mid-prefill, then new requests from ``waiting`` while pages last (with a
+prefix cache, a new request first acquires the pages of its longest cached prefix and
+starts its prefill after them; its own full pages are published after each step).
 A decoding request that needs a page when none is free preempts the most
 recently admitted request (its pages are freed and it goes back to the front
 of ``waiting``; its tokens so far are recomputed later — sampling is keyed by
@@ -17,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .cache import PageAllocator
+from .prefix_cache import PrefixCaching
 from .sampling_params import SamplingParams
 
 
@@ -29,6 +32,10 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0          # tokens whose cache is written
+    cacheable: bool = True         # reads and feeds the prefix cache (a request may opt out)
+    num_cached: int = 0            # prompt tokens found in the prefix cache at admission
+    num_published: int = 0         # leading pages published to the prefix cache
+    cache_keys: list[str] = field(default_factory=list)  # page keys computed so far (prefix_cache.py)
     finished: bool = False
     finish_reason: str | None = None
 
@@ -54,8 +61,10 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, allocator: PageAllocator, page_size: int, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, allocator: PageAllocator, page_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 prefix: PrefixCaching | None = None):
         self.allocator = allocator
+        self.prefix = prefix
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -82,7 +91,7 @@ class Scheduler:
                 chunks[:] = [c for c in chunks if c.request is not victim]
                 self.running.remove(victim)
                 self.release(victim)
-                victim.num_computed = 0
+                victim.num_computed = victim.num_published = 0
                 self.waiting.appendleft(victim)
                 self.num_preemptions += 1
                 return True
@@ -115,14 +124,30 @@ class Scheduler:
                     budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            n = min(req.num_tokens, budget)
-            if not self._grow(req, n):
+            if self.prefix is not None and req.cacheable and not req.pages:
+                # acquired before growing, so the LRU eviction that growing may do cannot take them
+                req.pages = self.prefix.match(req.all_ids, req)
+                req.num_computed = req.num_published = len(req.pages) * self.page_size
+                if not req.output_ids:  # reported with the first token (a preempted request re-matches)
+                    req.num_cached = min(req.num_computed, len(req.prompt_ids))
+            n = min(req.num_tokens - req.num_computed, budget)
+            if not self._grow(req, req.num_computed + n):
+                self.release(req)
+                req.num_computed = req.num_published = 0
                 break
             self.waiting.popleft()
             self.running.append(req)
-            chunks.append(ScheduledChunk(req, 0, n))
+            chunks.append(ScheduledChunk(req, req.num_computed, n))
             budget -= n
         return chunks
+
+    def publish(self, reqs) -> None:
+        """After a step: publish the pages the step completed (no-op without a prefix cache)."""
+        if self.prefix is None:
+            return
+        for req in reqs:
+            if req.cacheable and req.pages:
+                self.prefix.publish(req)
 
     def finish(self, req: Request, reason: str) -> None:
         req.finished, req.finish_reason = True, reason

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from ._triton import HAVE_TRITON, interpreter_active
 from .dispatch import BACKENDS, backend, get_backend, set_backend, use_triton
+from .fp8_gemm import fp8_gemm, naive_fp8_gemm
 from .indexer_logits import (indexer_logits_decode, indexer_logits_prefill, naive_indexer_logits_decode,
                              naive_indexer_logits_prefill)
 from .sparse_mla_decode import naive_sparse_mla_decode, sparse_mla_decode
@@ -28,4 +29,5 @@ __all__ = [
     "indexer_logits_decode", "naive_indexer_logits_decode", "indexer_logits_prefill", "naive_indexer_logits_prefill",
     "topk_indices", "naive_topk_indices",
     "sparse_mla_decode", "naive_sparse_mla_decode", "sparse_mla_prefill", "naive_sparse_mla_prefill",
+    "fp8_gemm", "naive_fp8_gemm",
 ]

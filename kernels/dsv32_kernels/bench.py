@@ -25,6 +25,7 @@ from . import fp8
 from .layout import CacheLayout
 
 from . import dispatch as kb
+from .fp8_gemm import fp8_gemm, naive_fp8_gemm
 from .indexer_logits import (indexer_logits_decode, indexer_logits_prefill, naive_indexer_logits_decode,
                              naive_indexer_logits_prefill)
 from .sparse_mla_decode import naive_sparse_mla_decode, sparse_mla_decode
@@ -36,7 +37,7 @@ from .topk import naive_topk_indices, topk_indices
 H200_BW = 4.8e12
 H200_BF16 = 790e12
 H200_FP8 = 1979e12
-OPS = ("store_kv", "indexer_decode", "indexer_prefill", "topk", "mla_decode", "mla_prefill")
+OPS = ("store_kv", "indexer_decode", "indexer_prefill", "topk", "mla_decode", "mla_prefill", "fp8_gemm")
 
 
 @dataclass
@@ -109,9 +110,10 @@ def _shapes(device: torch.device, quick: bool) -> dict:
                     decode=[(1, 32768), (16, 32768), (64, 4096), (64, 32768), (128, 32768), (64, 131072)]
                     if not quick else [(1, 32768), (64, 32768)],
                     prefill=[4096, 8192] if not quick else [4096], mla_prefill=[1024, 4096] if not quick else [1024],
-                    store=[128, 8192])
+                    store=[128, 8192], gemm_m=[1, 64, 512, 4096] if not quick else [64],
+                    gemm_nk=[(24576, 1536), (576, 7168), (7168, 16384), (4096, 7168)])
     return dict(H=16, IH=16, topk=256, dv=512, decode=[(1, 4096), (4, 4096)] if not quick else [(1, 4096)],
-                prefill=[512], mla_prefill=[128], store=[64, 1024])
+                prefill=[512], mla_prefill=[128], store=[64, 1024], gemm_m=[1, 64], gemm_nk=[(1536, 1024), (576, 2048)])
 
 
 def _layout(dv: int) -> CacheLayout:
@@ -221,8 +223,20 @@ def _cases_mla_prefill(s, device):
                    f(sparse_mla_prefill), f(naive_sparse_mla_prefill))
 
 
+def _cases_gemm(s, device):
+    for N, K in s["gemm_nk"]:
+        w_q, w_s = fp8.quant_weight(torch.randn(N, K) * 0.05)
+        w_q, w_s = w_q.to(device), w_s.to(device)
+        for M in s["gemm_m"]:
+            x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+            f = lambda fn: (lambda: fn(x, w_q, w_s))  # noqa: E731
+            yield Case("fp8_gemm", f"M={M} N={N} K={K}", N * K + w_s.numel() * 4 + M * K * 2 + M * N * 2,
+                       2 * M * N * K, H200_FP8, f(fp8_gemm), f(naive_fp8_gemm))
+
+
 CASES = {"store_kv": _cases_store, "indexer_decode": _cases_indexer_decode, "indexer_prefill": _cases_indexer_prefill,
-         "topk": _cases_topk, "mla_decode": _cases_mla_decode, "mla_prefill": _cases_mla_prefill}
+         "topk": _cases_topk, "mla_decode": _cases_mla_decode, "mla_prefill": _cases_mla_prefill,
+         "fp8_gemm": _cases_gemm}
 
 
 # -- run -------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .layout import FP8_TILE, CacheLayout
 
@@ -121,7 +122,56 @@ def quant_weight(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch
     return q.view(po, pi)[:out_f, :in_f].contiguous(), s
 
 
-def dequant_weight(q: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> torch.Tensor:
-    out_f, in_f = q.shape
-    s = scale_inv.float().repeat_interleave(block, 0)[:out_f].repeat_interleave(block, 1)[:, :in_f]
-    return q.float() * s
+def _e4m3_bits(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``2^-120`` × the e4m3fn values, exactly, as float32 or bfloat16: the code sign-extended, shifted so that its
+    7 magnitude bits sit at the target's exponent field, and masked to those and the sign (subnormal codes become
+    the target's denormals; NaN codes, absent from weights, become ±480 · 2^-120). Three integer passes."""
+    wide, shift, mask = (torch.int16, 4, 0x87F0 - (1 << 16)) if dtype == torch.bfloat16 else \
+        (torch.int32, 20, 0x87F00000 - (1 << 32))
+    b = q.view(torch.int8).to(wide)
+    b <<= shift
+    b &= mask
+    return b.view(dtype)
+
+
+def e4m3_to(q: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """e4m3fn → float32 or bfloat16, exactly (torch's own conversion runs scalar code on CPU, 3-10× slower)."""
+    return _e4m3_bits(q, dtype) * 2.0 ** 120
+
+
+def dequant_weight(q: torch.Tensor, scale_inv: torch.Tensor, block: int = 128,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``W = Wq · s`` (``q [out, in]`` or stacked ``[E, out, in]``) as ``dtype``: each value is the exact product
+    rounded once to ``dtype`` (what ``dequant → fp32 → dtype`` gives). With power-of-two scales (ue8m0) the
+    product is exact in bf16 too and is formed there, in half the bytes; other scales go through fp32."""
+    *lead, out_f, in_f = q.shape
+    s = scale_inv.float()
+    pow2 = not (s.view(torch.int32) & 0x7FFFFF).any()
+    work = dtype if dtype == torch.float32 or (dtype == torch.bfloat16 and pow2) else torch.float32
+    if s.abs().amax() < 2.0 ** 7:  # fold the 2^120 into the scales: one multiply, the same rounding
+        w, s = _e4m3_bits(q, work), s * 2.0 ** 120
+    else:
+        w = e4m3_to(q, work)
+    s = s.to(work).repeat_interleave(block, -1)[..., :in_f]  # [..., ceil(out/128), in]
+    if out_f % block == 0:  # whole row blocks: broadcast the scale rows instead of materialising [out, in]
+        w = (w.view(*lead, out_f // block, block, in_f) * s.unsqueeze(-2)).view(*lead, out_f, in_f)
+    else:
+        w = w * s.repeat_interleave(block, -2)[..., :out_f, :]
+    return w.to(dtype)
+
+
+DEQUANT_CHUNK = 1 << 24  # weight values dequantised at once by dequant_linear (64 MiB of fp32)
+
+
+def dequant_linear(x: torch.Tensor, w_q: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """``x · dequant(w_q)ᵀ`` in ``x.dtype`` with the weight dequantised block-row by block-row (the torch path of
+    an FP8-resident linear): only ``DEQUANT_CHUNK`` values exist in fp32 at a time, and each is the value the
+    dequantise-at-load path holds (``dequant_weight(..., dtype=x.dtype)``), so a weight that fits one chunk gives
+    bit-identical outputs. The activations are not rounded (unlike ``fp8_gemm``)."""
+    out_f, in_f = w_q.shape
+    rows = max(block, DEQUANT_CHUNK // max(in_f, 1) // block * block)
+    if rows >= out_f:
+        return F.linear(x, dequant_weight(w_q, scale_inv, block, x.dtype))
+    parts = [F.linear(x, dequant_weight(w_q[r: r + rows], scale_inv[r // block: (r + rows) // block], block, x.dtype))
+             for r in range(0, out_f, rows)]
+    return torch.cat(parts, dim=-1)

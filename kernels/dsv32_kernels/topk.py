@@ -1,7 +1,10 @@
 """topk_indices: the indexer's top-k, as logical positions and physical cache slots (spec §6.4).
 
-Selection is ``torch.topk`` on both paths (identical results, ties included); the
-kernel fuses what follows it: ``-inf`` (invisible) picks become ``-1``, column
+Selection is ``torch.topk`` on both paths (identical results, ties included): a
+partial selection, never a sort of the whole row. ``by_position=True`` then orders
+the ``k`` winners by column (invisible picks last), so that attention reads the
+cache in order and a row that fits in ``k`` gives exactly ``0, 1, ...``. The
+kernel fuses what follows: ``-inf`` (invisible) picks become ``-1``, column
 offsets turn ragged prefill columns into request positions, and
 ``slot = block_table[req][j // 64] * 64 + j % 64`` with ``-1`` preserved (vLLM
 ``triton_convert_req_index_to_global_index``). A radix-select top-k kernel for
@@ -44,9 +47,12 @@ def _topk_indices_kernel(
         tl.store(phys_ptr + row * K + c, phys.to(tl.int32), mask=c < K)
 
 
-def _select(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _select(logits: torch.Tensor, k: int, by_position: bool) -> tuple[torch.Tensor, torch.Tensor]:
     rows = logits.reshape(-1, logits.shape[-1])
     vals, idx = rows.topk(min(k, rows.shape[-1]), dim=-1)
+    if by_position:  # sort only the k winners: visible ones by column, -inf picks after them
+        order = torch.where(vals > float("-inf"), idx, rows.shape[-1]).argsort(dim=-1)
+        vals, idx = vals.gather(1, order), idx.gather(1, order)
     return vals.contiguous(), idx.contiguous()
 
 
@@ -68,11 +74,12 @@ def _check(logits, k, block_tables, row_req, col_offset):
 
 def topk_indices(logits: torch.Tensor, k: int, block_tables: torch.Tensor | None = None, *,
                  row_req: torch.Tensor | None = None, col_offset: torch.Tensor | None = None,
-                 page_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                 page_size: int = 64, by_position: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` visible positions of ``logits [..., L]`` → ``(logical, physical)``, both ``[..., k]`` int32.
 
     Rows with fewer than ``k`` finite logits are padded with ``-1`` (order: best
-    first). ``logical = column - col_offset[row]`` (prefill: ``col_offset = ks``).
+    first, or ascending column with ``by_position``). ``logical = column - col_offset[row]``
+    (prefill: ``col_offset = ks``).
     Row ``r`` maps to block-table row ``row_req[r]``, by default ``r // (R / B)``
     (decode ``[B, n, L]`` logits → request ``b``). Without ``block_tables``,
     ``physical`` is ``logical`` (an unpaged sequence).
@@ -80,9 +87,9 @@ def topk_indices(logits: torch.Tensor, k: int, block_tables: torch.Tensor | None
     _check(logits, k, block_tables, row_req, col_offset)
     if not use_triton(logits.device):
         return naive_topk_indices(logits, k, block_tables, row_req=row_req, col_offset=col_offset,
-                                  page_size=page_size)
+                                  page_size=page_size, by_position=by_position)
     lead = logits.shape[:-1]
-    vals, idx = _select(logits, k)
+    vals, idx = _select(logits, k, by_position)
     R, k_sel = vals.shape
     logical = torch.empty(*lead, k, dtype=torch.int32, device=logits.device)
     physical = torch.empty_like(logical) if block_tables is not None else logical
@@ -105,10 +112,10 @@ def topk_indices(logits: torch.Tensor, k: int, block_tables: torch.Tensor | None
 
 def naive_topk_indices(logits: torch.Tensor, k: int, block_tables: torch.Tensor | None = None, *,
                        row_req: torch.Tensor | None = None, col_offset: torch.Tensor | None = None,
-                       page_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                       page_size: int = 64, by_position: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch twin of :func:`topk_indices`."""
     lead = logits.shape[:-1]
-    vals, idx = _select(logits, k)
+    vals, idx = _select(logits, k, by_position)
     R, k_sel = vals.shape
     j = idx if col_offset is None else idx - col_offset.long()[:, None]
     logical = torch.where(vals > float("-inf"), j, -1)

@@ -10,6 +10,7 @@
 Modules, one noun each: ``arrivals`` (when), ``workloads`` / ``trace`` /
 ``tokens`` (what), ``client`` (the gRPC connections), ``runner`` (a load),
 ``metrics`` (the numbers), ``report`` / ``plots`` / ``compare`` (the output),
+``worker_stats`` (the workers' counters around a run), ``chaos`` (faults),
 ``fake_server`` (a scripted Generation server for tests). Never imports torch.
 """
 

@@ -7,6 +7,12 @@ moment the registry again holds a live registration of that worker id that is ne
 (``up`` restarted it, or the stopped one re-registered) — what capacity the cluster lost and for how
 long; the requests' outcomes are in the load test's own report.
 
+Then the same load runs again without faults (greedy: ``--chaos`` sends ``temperature 0`` unless
+``--temperature`` says otherwise) and :func:`compare_tokens` holds each request that completed under
+faults to the same request (same index: the same prompt) of that run: identical, differing (must be
+0), failed (by status; *unclear* = one that names no reason: ``UNKNOWN``, ``INTERNAL``, a harness
+error or no message), or unverified (its fault-free twin did not complete).
+
 Only for a cluster on this machine (it signals pids). Reads the registry with ``redis`` directly, in
 the key schema of ``dsv32_cluster.state`` (this package does not import the cluster runtime).
 """
@@ -128,3 +134,41 @@ class Chaos:
             resumed = self.kind == "stop-decode" and float(h.get("updated_at", 0)) > fault_wall + self.stop_s
             if h and (started_after or resumed):
                 f.recovered_s = round(now - self._t0 - f.at_s, 2)
+
+
+# a failure whose status says nothing about why: what "fails with a clear status" rules out
+UNCLEAR = ("UNKNOWN", "INTERNAL", "CLIENT_ERROR", "PENDING", "EMPTY_STREAM")
+
+
+def compare_tokens(faulty, fault_free) -> dict:
+    """Each request of the runs of ``faulty`` (a ``LoadReport``) against the same request of ``fault_free``'s
+    run at the same position; token ids from ``RequestResult.reply_ids``."""
+    out = {"completed": 0, "identical": 0, "differ": 0, "unverified": 0, "failed": 0, "unclear_failures": 0,
+           "failed_by_status": {}, "differ_requests": []}
+    for run, ref in zip(faulty.runs, fault_free.runs):
+        twins = {r.index: r for r in ref.results}
+        for r in run.results:
+            if not r.ok:
+                out["failed"] += 1
+                out["failed_by_status"][r.status] = out["failed_by_status"].get(r.status, 0) + 1
+                out["unclear_failures"] += r.status in UNCLEAR or not r.error
+                continue
+            out["completed"] += 1
+            twin = twins.get(r.index)
+            if twin is None or not twin.ok:
+                out["unverified"] += 1
+            elif r.reply_ids == twin.reply_ids:
+                out["identical"] += 1
+            else:
+                out["differ"] += 1
+                if len(out["differ_requests"]) < 20:
+                    out["differ_requests"].append(r.request_id)
+    out["failed_by_status"] = dict(sorted(out["failed_by_status"].items()))
+    return out
+
+
+def format_tokens(t: dict) -> str:
+    failed = ", ".join(f"{k} {v}" for k, v in t["failed_by_status"].items()) or "none"
+    return (f"chaos tokens vs a fault-free run: {t['identical']} of {t['completed']} completed identical, "
+            f"{t['differ']} differ, {t['unverified']} unverified; failed {t['failed']} ({failed}; "
+            f"{t['unclear_failures']} without a clear status)")

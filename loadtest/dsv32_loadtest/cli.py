@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shlex
 import sys
 from datetime import datetime
@@ -25,6 +26,7 @@ EPILOG = """examples:
   dsv32-serve loadtest --workload mixed --request-rate 0.5,1,2,4 --slo ttft=2000,tpot=200
   dsv32-serve loadtest --arrival closed --concurrency 8 --num-prompts 64
   dsv32-serve loadtest --workload trace --trace mooncake.jsonl --trace-time-scale 4
+  dsv32-serve loadtest --workload sessions --turns 6 --temperature 0 --arrival closed --concurrency 4 --worker-stats
   dsv32-serve loadtest --compare disagg/report.json coloc/report.json
 
 exit status: 0 = report written (failed requests are counted in it); 1 = the run
@@ -111,12 +113,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fault injection (a cluster on this machine; see chaos.py)")
     g.add_argument("--chaos", choices=("kill-decode", "stop-decode", "kill-prefill"), default=None,
                    help="hit one worker of the role every --chaos-every seconds (SIGKILL, or SIGSTOP for "
-                        "--chaos-stop seconds) while the load runs; report.json gets a 'chaos' section")
+                        "--chaos-stop seconds) while the load runs, then the same load again without faults "
+                        "to compare each request's tokens (greedy: --temperature defaults to 0); report.json "
+                        "gets a 'chaos' section")
     g.add_argument("--chaos-every", type=float, default=10.0, metavar="S")
     g.add_argument("--chaos-stop", type=float, default=8.0, metavar="S", help="stop-decode: seconds stopped")
     g.add_argument("--chaos-redis-url", default=os.environ.get("DSV32_REDIS_URL", "redis://127.0.0.1:6379/0"),
                    help="the cluster's Redis (its worker registry: pids; default $DSV32_REDIS_URL)")
     g.add_argument("--chaos-redis-prefix", default="dsv32:")
+
+    g = p.add_argument_group("cluster counters")
+    g.add_argument("--worker-stats", action="store_true",
+                   help="read every registered worker's Stats before and after each run (workers from the "
+                        "Redis registry at --chaos-redis-url / --chaos-redis-prefix) and report the differences: "
+                        "prefill tokens computed, KV bytes moved, prefix-cached tokens (the whole cluster's)")
 
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", type=Path, default=None,
@@ -211,14 +221,22 @@ def _compare(a: argparse.Namespace) -> int:
     return 0
 
 
+_URL_PASSWORD = re.compile(r"(\w+://[^/@:\s]*:)[^/@\s]+@")
+
+
+def _hide_password(text: str) -> str:
+    """``redis://:secret@host:1/0`` → ``redis://:***@host:1/0`` (a Redis URL may carry its password)."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
+
+
 def _redacted(argv: list[str]) -> list[str]:
-    """``argv`` with the value of ``--api-token`` (or an abbreviation argparse takes) replaced: the report
-    must not carry a secret."""
+    """``argv`` with the value of ``--api-token`` (or an abbreviation argparse takes) and the passwords in
+    URLs replaced: the report must not carry a secret."""
     out, hide = [], False
     for x in argv:
         name, eq, _ = x.partition("=")
         is_flag = len(name) >= len("--api") and "--api-token".startswith(name)
-        out.append("***" if hide else f"{name}=***" if is_flag and eq else x)
+        out.append("***" if hide else f"{name}=***" if is_flag and eq else _hide_password(x))
         hide = is_flag and not eq and not hide
     return out
 
@@ -234,21 +252,32 @@ def run(a: argparse.Namespace) -> int:
     from .runner import run_load
     from .vllm_keys import parse_percentiles
 
-    chaos = None
+    chaos = reference = None
+    if a.chaos and a.temperature is None:
+        a.temperature = 0.0  # greedy: the fault-free rerun must give the same tokens
     try:
         workload, arrival, sweep, slo, options = _plan(a)
         if a.chaos:
             from .chaos import Chaos
 
             chaos = Chaos(a.chaos, a.chaos_redis_url, a.chaos_redis_prefix, a.chaos_every, a.chaos_stop).start()
+        if a.worker_stats:
+            from .worker_stats import WorkerStatsReader
+
+            options["worker_stats"] = WorkerStatsReader(a.chaos_redis_url, a.chaos_redis_prefix)
         try:
             report = run_load(a.target, workload, arrival, slo=slo, rates=sweep, api_token=a.api_token, **options)
         finally:
             if chaos is not None:
                 chaos.stop()
+        if chaos is not None and a.temperature == 0:
+            print("chaos: the same load again without faults, to compare tokens", file=sys.stderr)
+            reference = run_load(a.target, workload, arrival, slo=slo, rates=sweep, api_token=a.api_token,
+                                 **options)
     except (TargetError, ValueError) as e:
         return _error(str(e))
-    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in ("func", "api_token")}
+    args = {k: (str(v) if isinstance(v, Path) else _hide_password(v) if isinstance(v, str) else v)
+            for k, v in vars(a).items() if k not in ("func", "api_token")}
     argv = _redacted(sys.argv)
     doc = report_dict(report, command=shlex.join(argv), argv=argv, args=args,
                       percentiles=parse_percentiles(a.metric_percentiles))
@@ -256,6 +285,16 @@ def run(a: argparse.Namespace) -> int:
         doc["chaos"] = chaos.summary()
         print(f"chaos: {a.chaos}: {len(chaos.faults)} faults, recovered {doc['chaos']['recovered']}, "
               f"recovery max {doc['chaos']['max_recovery_s']} s, mean {doc['chaos']['mean_recovery_s']} s")
+        if reference is not None:
+            from .chaos import compare_tokens, format_tokens
+
+            doc["chaos"]["tokens"] = t = compare_tokens(report, reference)
+            print(format_tokens(t))
+            if t["differ"] or t["unclear_failures"]:
+                doc["warnings"].append(f"chaos: {t['differ']} requests completed with tokens other than the "
+                                       f"fault-free run's, {t['unclear_failures']} failed without a clear status")
+        else:
+            print(f"chaos: tokens not compared (temperature {a.temperature}: sampled, not reproducible)")
     out = _out_dir(a)
     write_json(doc, out / "report.json")
     write_csv(doc, out / "requests.csv")

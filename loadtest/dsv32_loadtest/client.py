@@ -18,7 +18,7 @@ import grpc
 
 from ._api import serving_pb2 as pb
 from ._api import serving_pb2_grpc as pb_grpc
-from .metrics import CLIENT_ERROR, EMPTY_STREAM, FINISH_ABORT, OK, RequestResult
+from .metrics import CLIENT_ERROR, EMPTY_STREAM, FINISH_ABORT, OK, RequestResult, output_digest
 
 _MAX_MESSAGE = 64 << 20
 
@@ -29,10 +29,13 @@ API_TOKEN_ENV = "DSV32_API_TOKEN"
 def resolve_api_token(token: str | None = None) -> str:
     """The public API token to send: ``token``, else ``$DSV32_API_TOKEN``, else the contents of the file
     ``$DSV32_API_TOKEN_FILE``, else "" (none): what the router reads (``dsv32_cluster.auth``)."""
-    if token is not None:
-        return token
-    value = os.environ.get(API_TOKEN_ENV, "")
-    path = os.environ.get(API_TOKEN_ENV + "_FILE", "")
+    return token if token is not None else env_secret(API_TOKEN_ENV)
+
+
+def env_secret(var: str) -> str:
+    """``$VAR``, else the contents of the file ``$VAR_FILE`` (a mounted secret), else ""."""
+    value = os.environ.get(var, "")
+    path = os.environ.get(var + "_FILE", "")
     if not value and path:
         with open(path) as f:
             value = f.read().strip()
@@ -54,6 +57,8 @@ def settle_ended_stream(result: RequestResult, start: float) -> None:
         result.status, result.error = EMPTY_STREAM, "the call ended OK without streaming a token"
     else:
         result.status = OK
+        result.output_hash = output_digest(result.reply_ids)
+
 
 class TargetError(RuntimeError):
     """The target cannot be load-tested; the message is one line for the user."""
@@ -176,6 +181,7 @@ class GenerationClient:
                     result.server_completion_tokens = u.completion_tokens
                     result.server_ttft_s = u.time_to_first_token_s
                     result.server_e2e_s = u.e2e_s
+                    result.cached_tokens = u.cached_tokens
             settle_ended_stream(result, start)
         except grpc.aio.AioRpcError as e:
             result.end_s = time.perf_counter() - start

@@ -5,6 +5,13 @@ two have in common (a disaggregated-vs-colocated comparison runs the same
 ``--request-rate`` list against both); other multi-run reports pair by position.
 For two sweeps with a TPOT SLO it also names, for each report, the first rate
 at which its p99 TPOT exceeds the SLO, and the p99 TPOT ratio there.
+
+For each pair of runs it adds, where both have them: TTFT per turn (multi-turn
+workloads), the workers' counters (``--worker-stats``), and the outputs: each
+request of A against the request of B with the same ``index`` (the same
+conversation and turn of the same workload), by ``output_hash``. With greedy
+sampling the count that differ should be 0; a request whose twin failed or
+that has no hash is *unverified*.
 """
 
 from __future__ import annotations
@@ -90,6 +97,77 @@ def _sweep_table(pairs: list[tuple[dict, dict]]) -> str:
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], "(latencies in ms, rates in req/s)"])
 
 
+def _table(head: list[str], rows: list[list[str]], foot: str = "") -> str:
+    rows = [head, *rows]
+    w = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], *([foot] if foot else [])])
+
+
+def _turn_table(run_a: dict[str, Any], run_b: dict[str, Any]) -> str | None:
+    a = {t["turn"]: t for t in run_a.get("summary_by_turn") or []}
+    b = {t["turn"]: t for t in run_b.get("summary_by_turn") or []}
+    if not a or not b:
+        return None
+    rows = []
+    for turn in sorted(set(a) & set(b)):
+        row = [str(turn + 1)]
+        for stat in ("median", "p99"):
+            x, y = a[turn]["ttft_ms"][stat], b[turn]["ttft_ms"][stat]
+            row += [_f(x), _f(y), _ratio(x, y)]
+        rows.append(row + [_f(a[turn]["mean_cached_tokens"]), _f(b[turn]["mean_cached_tokens"])])
+    head = ["turn", "p50 TTFT A", "B", "B/A", "p99 TTFT A", "B", "B/A", "mean cached tok A", "B"]
+    return _table(head, rows, "(TTFT in ms; turn 1 = a session's first)")
+
+
+def _worker_table(run_a: dict[str, Any], run_b: dict[str, Any]) -> str | None:
+    from .report import WORKER_TOTALS
+
+    a, b = run_a.get("worker_stats"), run_b.get("worker_stats")
+    if not a or not b:
+        return None
+    rows = [[name, _f(a["totals"][k]), _f(b["totals"][k]), _ratio(a["totals"][k], b["totals"][k])]
+            for k, name in WORKER_TOTALS]
+    notes = [f"{side}: {n}" for side, ws in (("A", a), ("B", b)) for n in ws["notes"]]
+    return _table(["worker counters over the run", "A", "B", "B/A"], rows, "\n".join(notes))
+
+
+def compare_outputs(pairs: list[tuple[dict, dict]]) -> dict[str, Any]:
+    """Requests of A against B's request with the same ``index``, by ``output_hash``."""
+    out = {"compared": 0, "identical": 0, "differ": 0, "unverified": 0, "differ_requests": []}
+    for ra, rb in pairs:
+        twins = {r["index"]: r for r in rb["requests"]}
+        for r in ra["requests"]:
+            twin = twins.get(r["index"])
+            if not r.get("output_hash") or twin is None or not twin.get("output_hash"):
+                out["unverified"] += 1
+                continue
+            out["compared"] += 1
+            if r["output_hash"] == twin["output_hash"]:
+                out["identical"] += 1
+            else:
+                out["differ"] += 1
+                if len(out["differ_requests"]) < 10:
+                    out["differ_requests"].append(f"index {r['index']} (session {r['session_id'] or '-'}, "
+                                                  f"turn {r['turn'] + 1})")
+    return out
+
+
+def _outputs_text(pairs: list[tuple[dict, dict]], doc_a: dict[str, Any], doc_b: dict[str, Any]) -> str | None:
+    o = compare_outputs(pairs)
+    if not any(r.get("output_hash") for pair in pairs for run in pair for r in run["requests"]):
+        return None  # reports from before output hashes, or nothing completed
+    text = (f"outputs: {o['compared']} requests compared by index: {o['identical']} identical, {o['differ']} "
+            f"differ, {o['unverified']} unverified (failed, missing or without a hash)")
+    if o["differ_requests"]:
+        text += "\n  first that differ: " + "; ".join(o["differ_requests"])
+    temps = {(d.get("options") or {}).get("temperature") for d in (doc_a, doc_b)}
+    if temps != {0}:
+        text += (f"\n  (temperature {' / '.join(map(str, sorted(temps, key=str)))}: only greedy runs "
+                 "(--temperature 0) are expected to match)")
+    return text
+
+
 def compare_text(a: tuple[str, dict[str, Any]], b: tuple[str, dict[str, Any]]) -> str:
     (name_a, doc_a), (name_b, doc_b) = a, b
     out = [f"A = {name_a}\nB = {name_b}"]
@@ -100,6 +178,14 @@ def compare_text(a: tuple[str, dict[str, Any]], b: tuple[str, dict[str, Any]]) -
         out.append(_sweep_table(pairs))
     if note:
         out.append(note)
+    for ra, rb in pairs:
+        extra = [t for t in (_turn_table(ra, rb), _worker_table(ra, rb)) if t]
+        if extra and len(pairs) > 1:
+            out.append(f"run {ra['label']} | {rb['label']}:")
+        out += extra
+    outputs = _outputs_text(pairs, doc_a, doc_b)
+    if outputs:
+        out.append(outputs)
     slo = (doc_a.get("slo") or {}).get("tpot_ms") or (doc_b.get("slo") or {}).get("tpot_ms")
     if slo and len(pairs) > 1:
         for name, doc, other in (("A", doc_a, doc_b), ("B", doc_b, doc_a)):

@@ -8,6 +8,11 @@ Per request (only successful requests enter the latency statistics):
 * E2E — from sending the request to the end of the stream;
 * TPOT — ``(E2E − TTFT) / (output tokens − 1)``, defined for ≥ 2 output tokens.
 
+Beside the timings each request keeps the server's ``Usage`` (prompt, completion
+and prefix-cached prompt tokens) and ``output_hash``, a digest of the token ids it
+received: two greedy runs of one workload are compared request by request with it.
+Multi-turn workloads also get per-turn statistics (:func:`summarize_by_turn`).
+
 Per run, over ``duration`` = run start → last request finished:
 
 * request / input-token / output-token throughput = completed (resp. their
@@ -21,6 +26,8 @@ interpolation, as vLLM), reported in milliseconds.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -57,6 +64,8 @@ class RequestResult:
     server_completion_tokens: int | None = None
     server_ttft_s: float | None = None
     server_e2e_s: float | None = None
+    cached_tokens: int | None = None   # Usage.cached_tokens: prompt tokens served from a prefix cache
+    output_hash: str = ""              # output_digest(reply_ids) of a completed request
     prefill_worker: str = ""
     decode_worker: str = ""
     reply_ids: list[int] = field(default_factory=list, repr=False)  # for session history; not reported
@@ -100,6 +109,11 @@ class RequestResult:
     def from_dict(cls, d: dict[str, Any]) -> "RequestResult":
         names = cls.__dataclass_fields__.keys()
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def output_digest(ids: Sequence[int]) -> str:
+    """16 hex digits standing for a request's output token ids (equal ids ⇔ equal digests, in practice)."""
+    return hashlib.blake2b(array("I", ids).tobytes(), digest_size=8).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -172,6 +186,7 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: Slo | No
         return x / duration_s if duration_s > 0 else None
 
     n_in = sum(r.input_tokens for r in done)
+    cached = [r.cached_tokens for r in done if r.cached_tokens is not None]
     n_out = sum(r.output_tokens for r in done)
     planned = len(results) if planned is None else planned
     s: dict[str, Any] = {
@@ -184,6 +199,8 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: Slo | No
         "duration_s": duration_s,
         "total_input_tokens": n_in,
         "total_output_tokens": n_out,
+        # prompt tokens the server took from a prefix cache (None: no Usage reported them)
+        "total_cached_tokens": sum(cached) if cached else None,
         "request_throughput": per_s(len(done)),
         "input_throughput": per_s(n_in),
         "output_throughput": per_s(n_out),
@@ -208,3 +225,26 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: Slo | No
     else:
         s.update(good_requests=None, goodput=None)
     return s
+
+
+def summarize_by_turn(results: Sequence[RequestResult]) -> list[dict[str, Any]]:
+    """One entry per turn index of a multi-turn workload (``turn`` 0 = a session's first), in order; [] when
+    every request is a first turn. Latencies in ms as in :func:`summarize`."""
+    turns = sorted({r.turn for r in results})
+    if turns in ([], [0]):
+        return []
+    out = []
+    for t in turns:
+        sent = [r for r in results if r.turn == t]
+        done = [r for r in sent if r.ok]
+        cached = [r.cached_tokens for r in done if r.cached_tokens is not None]
+        out.append({
+            "turn": t,
+            "sent": len(sent),
+            "completed": len(done),
+            "mean_input_tokens": sum(r.input_tokens for r in done) / len(done) if done else None,
+            "mean_cached_tokens": sum(cached) / len(cached) if cached else None,
+            "ttft_ms": describe([r.ttft_s for r in done if r.ttft_s is not None]),
+            "e2e_ms": describe([r.e2e_s for r in done]),
+        })
+    return out

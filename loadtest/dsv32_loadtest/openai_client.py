@@ -123,6 +123,9 @@ class OpenAIClient:
                     if chunk.get("usage"):
                         result.server_prompt_tokens = chunk["usage"]["prompt_tokens"]
                         result.server_completion_tokens = chunk["usage"]["completion_tokens"]
+                        details = chunk["usage"].get("prompt_tokens_details") or {}
+                        if details.get("cached_tokens") is not None:
+                            result.cached_tokens = int(details["cached_tokens"])
             settle_ended_stream(result, start)
         except _StreamError as e:
             result.end_s = time.perf_counter() - start

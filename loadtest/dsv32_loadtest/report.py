@@ -10,11 +10,17 @@ fresh run go through one code path. Schema (``schema_version`` 1)::
      runs: [{label, arrival: {process, rate, burstiness, concurrency, seed},
              started_at, duration_s, aborted: str | null,
              summary: {...}, summary_by_kind: {kind: {...}},
+             summary_by_turn: [{turn, sent, completed, mean_input_tokens, mean_cached_tokens,
+                                ttft_ms: {...}, e2e_ms: {...}}],   # multi-turn only, turn 0 = first
+             worker_stats: {totals, workers, notes} | null,      # --worker-stats
              requests: [RequestResult.to_dict(), ...]}]}
 
 A request holds its raw timings (``start_s``, ``chunk_times_s`` from its
 start, one per token-bearing chunk, with ``chunk_tokens``; ``end_s``) and the
-derived ``ttft_s``, ``tpot_s``, ``e2e_s``; ITL is ``diff(chunk_times_s)``.
+derived ``ttft_s``, ``tpot_s``, ``e2e_s``; ITL is ``diff(chunk_times_s)``. Its
+``output_hash`` stands for the token ids it received (``--compare`` matches two
+runs' requests by ``index`` with it); ``cached_tokens`` is the server's count of
+prompt tokens served from a prefix cache.
 
 Non-finite numbers are written as the strings "inf" / "-inf" and ``null`` (NaN)
 so that the file is strict JSON.
@@ -36,8 +42,8 @@ from .vllm_keys import flat_keys
 SCHEMA_VERSION = 1
 CSV_FIELDS = ["run", "index", "kind", "session_id", "turn", "request_id", "status", "error",
               "finish_reason", "scheduled_s", "start_s", "input_tokens", "requested_output_tokens",
-              "output_tokens", "server_prompt_tokens", "server_completion_tokens", "ttft_ms",
-              "tpot_ms", "e2e_ms", "itl_mean_ms", "itl_max_ms", "prefill_worker", "decode_worker"]
+              "output_tokens", "server_prompt_tokens", "server_completion_tokens", "cached_tokens", "ttft_ms",
+              "tpot_ms", "e2e_ms", "itl_mean_ms", "itl_max_ms", "prefill_worker", "decode_worker", "output_hash"]
 
 
 def _finite(x: Any) -> Any:
@@ -63,6 +69,8 @@ def report_dict(report: LoadReport, command: str = "", argv: list[str] | None = 
         "aborted": run.aborted,
         "summary": run.summary(slo),
         "summary_by_kind": run.summary_by_kind(slo),
+        "summary_by_turn": run.summary_by_turn(),
+        "worker_stats": run.worker_stats,
         "requests": [r.to_dict() for r in run.results],
         **flat_keys(run.results, run.summary(slo), percentiles),
     } for run in report.runs]
@@ -129,6 +137,13 @@ def write_csv(doc: dict[str, Any], path: Path) -> None:
                             "itl_max_ms": _ms(max(itl)) if itl else ""})
 
 
+WORKER_TOTALS = [("prefill_tokens_computed", "Prefill tokens computed"), ("kv_bytes_sent", "KV bytes sent (prefill)"),
+                 ("kv_bytes_received", "KV bytes received (decode)"),
+                 ("cached_tokens_prefill", "Cached tokens (prefill workers)"),
+                 ("cached_tokens_decode", "Cached tokens (decode workers)"),
+                 ("cached_pages", "Cached pages at the end")]
+
+
 def _fmt(v: Any, digits: int = 2) -> str:
     if v is None:
         return "-"
@@ -154,6 +169,8 @@ def format_summary(run: dict[str, Any]) -> str:
     row("Benchmark duration (s):", s["duration_s"])
     row("Total input tokens:", s["total_input_tokens"])
     row("Total generated tokens:", s["total_output_tokens"])
+    if s.get("total_cached_tokens") is not None:
+        row("Input tokens from a prefix cache:", s["total_cached_tokens"])
     row("Request throughput (req/s):", s["request_throughput"])
     if s.get("goodput") is not None:
         row("Request goodput (req/s):", s["goodput"])
@@ -165,6 +182,19 @@ def format_summary(run: dict[str, Any]) -> str:
         short = key.split("_")[0].upper()
         for stat in ("mean", "median", "p90", "p99"):
             row(f"{stat.capitalize() if stat[0] == 'm' else stat.upper()} {short} (ms):", s[key][stat])
+    if run.get("summary_by_turn"):
+        lines.append(f"{'TTFT per turn (ms)':-^60}")
+        lines.append(f"{'turn':>4}{'ok':>6}{'in tok':>9}{'cached':>9}{'p50':>16}{'p99':>16}")
+        for t in run["summary_by_turn"]:
+            lines.append(f"{t['turn'] + 1:>4}{t['completed']:>6}{_fmt(t['mean_input_tokens'], 0):>9}"
+                         f"{_fmt(t['mean_cached_tokens'], 0):>9}{_fmt(t['ttft_ms']['median']):>16}"
+                         f"{_fmt(t['ttft_ms']['p99']):>16}")
+    ws = run.get("worker_stats")
+    if ws:
+        lines.append(f"{'Worker counters over the run':-^60}")
+        for key, name in WORKER_TOTALS:
+            row(f"{name}:", ws["totals"][key])
+        lines += [f"note: {n}" for n in ws["notes"]]
     lag = s.get("send_lag_ms", {})
     if lag.get("count"):
         lines.append(f"{'Schedule':-^60}")

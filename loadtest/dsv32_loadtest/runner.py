@@ -16,6 +16,10 @@ fresh clock. Within a run:
 4. ``abort_after_unavailable`` consecutive ``UNAVAILABLE`` errors mean the
    server is gone: the run stops and reports what completed, with the errors.
 
+With a ``worker_stats`` reader (``--worker-stats``), the workers' counters are
+read before and after each run and the run keeps the differences
+(:mod:`.worker_stats`).
+
 Bounds: at most ``MAX_REQUESTS`` requests; no request is started after
 ``max_duration_s``; each has a deadline of ``request_timeout_s``.
 """
@@ -35,11 +39,13 @@ from tqdm import tqdm
 from ._api import serving_pb2 as pb
 from .arrivals import Arrival
 from .client import GenerationClient
-from .metrics import OK, RequestResult, Slo, summarize
+from .metrics import OK, RequestResult, Slo, summarize, summarize_by_turn
 from .tokens import TokenSource
 from .workloads import Conversation, Workload
 
 MAX_REQUESTS = 100_000
+SETTLE_S = 0.3
+"""After a run, before reading the workers' counters: a worker counts a request after its stream ends."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,8 @@ class RunResult:
     duration_s: float = 0.0
     aborted: str | None = None
     results: list[RequestResult] = field(default_factory=list)
+    worker_stats: dict[str, Any] | None = None
+    """The workers' counters over the run (:func:`.worker_stats.deltas`), when they were read."""
 
     def summary(self, slo: Slo | None) -> dict[str, Any]:
         return summarize(self.results, self.duration_s, slo, self.planned)
@@ -97,6 +105,9 @@ class RunResult:
             return {}
         return {k: summarize([r for r in self.results if r.kind == k], self.duration_s, slo)
                 for k in kinds}
+
+    def summary_by_turn(self) -> list[dict[str, Any]]:
+        return summarize_by_turn(self.results)
 
 
 @dataclass
@@ -222,11 +233,13 @@ class _Run:
 
 async def arun_load(target: str, workload: Workload, arrival: Arrival = Arrival(), *,
                     slo: Slo | None = None, rates: Sequence[float] | None = None, api_token: str | None = None,
-                    **options: Any) -> LoadReport:
+                    worker_stats: Any = None, **options: Any) -> LoadReport:
     """Load ``target`` with ``workload``; one run per rate in ``rates`` (a sweep) or one run.
 
     ``options`` are ``LoadOptions`` fields (``num_prompts=20, connections=2, …``). ``api_token``: the
     router's public API token (default ``$DSV32_API_TOKEN``); kept out of the options and the report.
+    ``worker_stats``: a :class:`.worker_stats.WorkerStatsReader` (anything with ``snapshot()``) to read the
+    workers' counters around each run.
     Raises ``TargetError`` when nothing answers at ``target``, ``ValueError`` on a
     bad parameter (a malformed trace is a ``TraceError``, which is one).
     """
@@ -248,7 +261,16 @@ async def arun_load(target: str, workload: Workload, arrival: Arrival = Arrival(
         report = LoadReport(target, workload.describe(), opts, slo, models,
                             warnings=_length_warnings(convs, models))
         for arr in arrivals:
+            before = await asyncio.to_thread(worker_stats.snapshot) if worker_stats is not None else None
             report.runs.append(await _run_once(client, convs, arr, opts, workload.think_time_s))
+            if worker_stats is not None:
+                from .worker_stats import deltas
+
+                await asyncio.sleep(SETTLE_S)
+                try:
+                    report.runs[-1].worker_stats = deltas(before, await asyncio.to_thread(worker_stats.snapshot))
+                except ValueError as e:  # the load's results are kept all the same
+                    report.warnings.append(str(e))
             if report.runs[-1].aborted and not report.runs[-1].aborted.startswith("time limit"):
                 break  # a dead or interrupted target: the later rates would say nothing new
     return report

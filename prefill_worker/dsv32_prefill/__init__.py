@@ -8,18 +8,24 @@ A request's life here, as a sequence of queues:
    tokens: beyond ``--max-queued-tokens`` the RPC answers
    ``RESOURCE_EXHAUSTED`` (back-pressure to the router). A cancelled RPC
    leaves the queue before it costs anything.
-2. **Batch** (the loop thread). Prompts are taken in arrival order while
-   their tokens fit the token budget (``--max-num-batched-tokens``; a prompt
-   longer than the budget goes alone and the engine runs it in chunks). Each
-   gets pages from this worker's own pool and a KV sender handle towards its
-   decode worker (``KVSender.begin``: the pair group is found or built).
-3. **Forward + push**. ``EngineCore.prefill`` runs the batch; after each
-   layer's cache writes it calls back, and every request's pages of that layer
-   are handed to the sender, so the transfer of layer *l* overlaps the compute
-   of layer *l+1*. The engine samples each request's first token.
+2. **Step** (the loop thread). Each step fills the token budget
+   (``--max-num-batched-tokens``) with chunks: a prompt longer than what is
+   left runs in chunks over several steps (a *partial* prompt, its pages held
+   from its first chunk), and a prompt that arrives behind a long one gets a
+   step of its own after the chunk in progress (the rules:
+   :class:`~dsv32_prefill.scheduler.PrefillScheduler`). A prompt gets pages
+   from this worker's own pool at its first chunk, and at its last chunk a KV
+   sender handle towards its decode worker (``KVSender.begin``: the pair group
+   is found or built). A cancelled partial prompt is dropped between chunks.
+3. **Forward + push**. ``EngineCore.prefill`` runs the step; after each
+   layer's cache writes it calls back, and the pages of that layer of every
+   prompt whose chunk is its last are handed to the sender (the earlier
+   chunks' cache is complete by then), so the transfer of layer *l* overlaps
+   the compute of layer *l+1*. The engine samples each such prompt's first
+   token.
 4. **PrefillInflightQueue** (:mod:`dsv32_prefill.inflight`). The batch loop
    hands each request, with its pages and its sender handle, to this queue and
-   starts the next batch at once: the transfer's tail (the sends still queued
+   starts the next step at once: the transfer's tail (the sends still queued
    after the last layer) overlaps the next forward. The queue's thread polls
    the sender (``KVSender.poll``); a transfer that ends gives its pages back to
    the pool and answers the RPC: the first token, the checksum over everything

@@ -68,6 +68,10 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self.draining = False
         self.decode_targets = None
         """``DecodeTargets``: the registered decode workers KV may be sent to (None: no check, in-process tests)."""
+        from dsv32_cluster.sessions import DEFAULT_SESSION_TTL_S
+        from dsv32_engine.prefix_cache import SessionPages
+
+        self.sessions = SessionPages(engine, scheduler.pages_lock, DEFAULT_SESSION_TTL_S)
 
     def Prefill(self, request, context):
         if self.draining:
@@ -78,13 +82,18 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "transfer_id, decode_worker_id: required")
         if request.request_id in self.jobs:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {request.request_id} is already prefilling here")
+        if request.skip_tokens >= len(request.prompt_ids) or request.skip_tokens % self.engine.layout.page_size:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"skip_tokens: {request.skip_tokens} must be a multiple of "
+                          f"the page size {self.engine.layout.page_size} below the prompt's {len(request.prompt_ids)}")
+        if len(request.session_id) > 256:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id: at most 256 characters")
         if self.decode_targets is not None:
             why = self.decode_targets.refusal(request.decode_worker_id, request.transfer_endpoint)
             if why:  # never dial an address a caller made up: only what a registered decode worker advertises
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"transfer_endpoint: {why}")
         job = PrefillJob(request.request_id, list(request.prompt_ids), engine_params(request.sampling),
                          request.transfer_id, request.transfer_endpoint, request.decode_worker_id,
-                         token=request.transfer_token)
+                         token=request.transfer_token, skip_tokens=request.skip_tokens)
         try:
             self.scheduler.submit(job)
         except QueueFull as e:
@@ -102,10 +111,14 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             context.abort(code, f"prefill worker {self.worker_id}: {job.error}")
         tr = job.transfer
         self._trace(job)
+        if not job.params.skip_prefix_cache:
+            self.sessions.note(request.session_id, job.prompt_ids)
+        job.first.cached_tokens = job.cached_tokens
         return worker_pb2.PrefillResponse(
             first=token_pb(job.first), checksum=tr.checksum, sent_bytes=tr.num_bytes, prompt_tokens=len(job.prompt_ids),
             queue_s=job.queue_s, compute_s=job.compute_s, transfer_wait_s=tr.wait_after_last_layer_s,
-            batch_size=job.batch_size)
+            batch_size=job.batch_size, cached_tokens=job.cached_tokens,
+            computed_tokens=len(job.prompt_ids) - job.cached_tokens)
 
     def _trace(self, job: PrefillJob) -> None:
         """The job's phases as spans under this RPC's span (timed on the scheduler's threads)."""
@@ -125,6 +138,11 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             "dsv32.transfer.bytes": tr.num_bytes, "dsv32.transfer.pages": pages,
             "dsv32.transfer.checksum_s": tr.checksum_s, "dsv32.transfer.wait_after_last_layer_s":
             tr.wait_after_last_layer_s, "dsv32.transfer.id": job.transfer_id, tracing.DECODE_WORKER: job.decode_id})
+
+    def ReleaseSession(self, request, context):
+        if not request.session_id or len(request.session_id) > 256:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id: must be 1-256 characters")
+        return worker_pb2.ReleaseSessionResponse(released_pages=self.sessions.release(request.session_id))
 
     def Cancel(self, request, context):
         job = self.jobs.get(request.request_id)
@@ -152,7 +170,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         return worker_pb2.WorkerStats(
             worker_id=self.worker_id, role="prefill", **self.load().stats_fields(),
             prefill_forward_tokens=self.engine.stats.get("prefill_tokens", 0), bytes_sent=c["bytes_sent"],
-            requests_finished=c["requests"], requests_aborted=c["failed"])
+            requests_finished=c["requests"], requests_aborted=c["failed"], cached_pages=self.engine.allocator.num_cached,
+            cached_tokens=self.engine.prefix.hit_tokens if self.engine.prefix is not None else 0)
 
     def Stats(self, request, context):
         return self.stats()
@@ -183,10 +202,15 @@ def run(args: argparse.Namespace) -> int:
                              max_queued_tokens=args.max_queued_tokens, transfer_timeout_s=args.transfer_timeout).start()
     svc = PrefillService(worker_id, engine, sched, args.enable_fault_injection)
     svc.decode_targets = DecodeTargets(ClusterState.from_url(args.redis_url, args.redis_prefix))
+    svc.sessions.ttl_s = args.session_ttl
     server, hs, hb, stop, _ = serve_worker("prefill", args, svc, worker_pb2_grpc.add_PrefillWorkerServicer_to_server,
                                            svc.load, max_threads=64)
     sched.on_change = hb.poke
     while not stop.wait(0.25):
+        try:
+            svc.sessions.expire()  # sessions past their TTL give their pages back
+        except Exception:
+            log.exception("session expiry")
         why = svc.healthy()
         if why:  # NOT_SERVING, out of the registry, exit: the supervisor restarts a clean process
             log.error("prefill worker %s is broken (%s); exiting", worker_id, why)

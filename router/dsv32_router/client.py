@@ -33,7 +33,8 @@ class GenerateError(RuntimeError):
 
 def build_request(prompt: str | Sequence[int] | None = None, *, messages: Sequence[dict] | None = None,
                   thinking: bool = False, model: str = "", session_id: str = "", request_id: str = "",
-                  tools: Sequence[dict] | None = None, **sampling) -> serving_pb2.GenerateRequest:
+                  tools: Sequence[dict] | None = None, skip_prefix_cache: bool = False,
+                  **sampling) -> serving_pb2.GenerateRequest:
     """A ``GenerateRequest`` from a text prompt, token ids, or chat ``messages`` (OpenAI-style dicts:
     role/content, and reasoning_content/tool_calls on assistant turns); ``tools``: OpenAI tools."""
     unknown = set(sampling) - set(_SAMPLING_FIELDS)
@@ -41,7 +42,7 @@ def build_request(prompt: str | Sequence[int] | None = None, *, messages: Sequen
         raise TypeError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
     sp = serving_pb2.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
     req = serving_pb2.GenerateRequest(model=model, sampling=sp, session_id=session_id or "",
-                                      request_id=request_id or "")
+                                      request_id=request_id or "", skip_prefix_cache=skip_prefix_cache)
     if messages is not None:
         req.chat.CopyFrom(serving_pb2.ChatInput(thinking=thinking, tools_json=json.dumps(tools) if tools else "",
                                                 messages=[
@@ -129,6 +130,13 @@ def list_models(target: str, timeout: float = 5.0) -> list[serving_pb2.ModelInfo
     with connect(target) as ch:
         return list(serving_pb2_grpc.GenerationStub(ch).ListModels(serving_pb2.ListModelsRequest(),
                                                                     timeout=timeout, metadata=credentials()).models)
+
+
+def end_session(target: str, session_id: str, timeout: float = 10.0) -> serving_pb2.EndSessionResponse:
+    """End a session now: its record goes and the workers free the cached pages only it used."""
+    with connect(target) as ch:
+        return serving_pb2_grpc.GenerationStub(ch).EndSession(serving_pb2.EndSessionRequest(session_id=session_id),
+                                                              timeout=timeout, metadata=credentials())
 
 
 def credentials(token: str | None = None) -> list[tuple[str, str]]:

@@ -118,6 +118,15 @@ def build_app(orch: Orchestrator, tokenizer, request_timeout_s: float | None = N
     async def completions(request: Request):
         return await generate(request, completion_request, False)
 
+    @app.delete("/v1/sessions/{session_id}")
+    async def end_session(session_id: str):
+        """dsv32 extension: end a session now (the gRPC ``EndSession``)."""
+        try:
+            found, freed = await orch.end_session(session_id)
+        except RequestError as e:
+            return _error(e)
+        return {"id": session_id, "object": "session.deleted", "deleted": found, "released_pages": freed}
+
     return app
 
 

@@ -159,7 +159,8 @@ def _common(body: dict, *, chat: bool) -> tuple[serving_pb2.SamplingParams, dict
             raise invalid(name, "must be a string")
         ids[name] = v or ""
     return sp, {"stream": stream, "include_usage": include_usage, "model": model,
-                "return_token_ids": _flag(body, "return_token_ids"), **ids}
+                "return_token_ids": _flag(body, "return_token_ids"),
+                "skip_prefix_cache": _flag(body, "skip_prefix_cache"), **ids}
 
 
 def _content(value, where: str) -> str:
@@ -242,6 +243,7 @@ def chat_request(body: dict) -> HttpRequest:
     if logprobs:
         sp.logprobs = max(top, 1)  # the engine reports the chosen token with a top-n list, n >= 1
     req = serving_pb2.GenerateRequest(model=common["model"], sampling=sp, chat=chat, session_id=common["session_id"],
+                                      skip_prefix_cache=common["skip_prefix_cache"],
                                       request_id=common["request_id"])
     return HttpRequest(grpc=req, stream=common["stream"], include_usage=common["include_usage"],
                        logprobs=logprobs, top_logprobs=top, model=common["model"], thinking=thinking,
@@ -258,6 +260,7 @@ def completion_request(body: dict) -> HttpRequest:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     req = serving_pb2.GenerateRequest(model=common["model"], sampling=sp, session_id=common["session_id"],
+                                      skip_prefix_cache=common["skip_prefix_cache"],
                                       request_id=common["request_id"])
     if isinstance(prompt, str):
         req.prompt = prompt

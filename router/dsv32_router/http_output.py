@@ -61,7 +61,8 @@ class ChoiceBuilder:
             return None
         u = self.usage
         return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                "total_tokens": u.prompt_tokens + u.completion_tokens}
+                "total_tokens": u.prompt_tokens + u.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
 
     def _finish(self, reason: str) -> str:
         if reason == "stop" and self.tool_calls:

@@ -72,7 +72,7 @@ import grpc
 from dsv32_cluster import metrics, tracing
 from dsv32_cluster.directory import WorkerDirectory
 from dsv32_cluster.state import AsyncClusterState
-from dsv32_proto import serving_pb2
+from dsv32_proto import serving_pb2, worker_pb2
 from .limits import RouterLimits, deadline_passed
 from .policy import PairPolicy, serving_mode
 from .request_run import RequestRun
@@ -156,6 +156,30 @@ class Orchestrator:
             self._waiting -= 1
             metrics.process().waiting.dec()
             metrics.process().queue_time.observe(time.monotonic() - t0)
+
+    async def end_session(self, session_id: str) -> tuple[bool, int]:
+        """Drop the session's record and ask every worker to free the cached pages only it used.
+        Returns (whether it had a record, pages freed). Workers that do not answer in time free
+        them at their own session TTL."""
+        if not session_id or len(session_id) > 256:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "session_id: must be 1-256 characters")
+        try:
+            found = await self.state.end_session(session_id)
+        except Exception as e:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"cluster state (Redis) unavailable: {e}") from None
+        if not self.directory.snapshot:
+            await self.directory.refresh()
+        msg = worker_pb2.ReleaseSessionRequest(session_id=session_id)
+
+        async def release(w) -> int:
+            stub = self.directory.prefill_stub(w) if w.role == "prefill" else self.directory.decode_stub(w)
+            try:
+                return (await stub.ReleaseSession(msg, timeout=5)).released_pages
+            except Exception as e:
+                log.warning("session %s: release on %s failed: %s", session_id, w.worker_id, e)
+                return 0
+        freed = await asyncio.gather(*(release(w) for w in self.directory.snapshot))
+        return found, sum(freed)
 
     def mode(self) -> str | None:
         """What the registered workers serve: see :func:`dsv32_router.policy.serving_mode`."""

@@ -12,9 +12,13 @@ Decode worker D, in order:
    ``free_pages - pending_pages >= pages(prompt + max_tokens)``; workers that
    already failed this request only if no other one fits (a 1+1 cluster must
    still be able to retry after a corrupted transfer);
-2. the session's decode worker if it qualifies (its running batch already holds
-   the conversation's neighbourhood and later a prefix cache);
-3. otherwise the fewest running + pending requests, then the most free pages,
+2. cache-aware: the worker that holds the longest leading part of the prompt in
+   its prefix cache (``cached``: tokens per worker, from the key sets workers
+   publish in Redis), unless it runs more than ``cache_slack`` requests above
+   the least loaded candidate (then load wins: a hot cache is no reason to queue
+   behind a busy worker);
+3. the session's decode worker if it qualifies (with nothing cached anywhere);
+4. otherwise the fewest running + pending requests, then the most free pages,
    then rotation (so that equal workers take turns).
 
 A colocated cluster (``up --colocated``) has no pairs: the request goes whole
@@ -22,8 +26,9 @@ to one colocated worker, chosen by the decode rules above (``role="colocated"``)
 :func:`serving_mode` says which of the two a registry snapshot serves.
 
 Prefill worker P: a pool large enough for the prompt, preferably one that has
-not failed this request, fewest queued tokens (reported + pending from
-this router), then rotation.
+not failed this request, the least work ahead of the prompt's first token:
+queued tokens (reported + pending from this router) plus the prompt tokens it
+would compute (those it has not cached), then rotation.
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ class Pending:
 class PairPolicy:
     pending: dict[str, Pending] = field(default_factory=dict)
     _turns: dict[str, itertools.count] = field(default_factory=dict)
+    cache_slack: int = 4
+    """Requests a decode worker may run above the least loaded one and still win on its cache."""
 
     def _pending(self, worker_id: str) -> Pending:
         return self.pending.setdefault(worker_id, Pending())
@@ -80,9 +87,11 @@ class PairPolicy:
         return {wid: (i - turn) % len(ids) for i, wid in enumerate(ids)}
 
     def choose_decode(self, workers: list[WorkerInfo], need_tokens: int, *, affinity: str | None = None,
-                      avoid: frozenset[str] = frozenset(), role: str = "decode") -> WorkerInfo:
+                      avoid: frozenset[str] = frozenset(), role: str = "decode",
+                      cached: dict[str, int] | None = None) -> WorkerInfo:
         """``avoid``: workers that failed this request; used only when nothing else fits.
-        ``role``: ``colocated`` chooses the worker that runs the whole request."""
+        ``role``: ``colocated`` chooses the worker that runs the whole request.
+        ``cached``: leading prompt tokens each worker holds in its prefix cache."""
         decode = [w for w in workers if w.role == role]
         if not decode:
             raise NoWorkers(f"no {role} worker is registered")
@@ -95,15 +104,26 @@ class PairPolicy:
             need = sorted({w.pages_for(need_tokens) for w in decode})
             raise NoCapacity(f"no {role} worker has {' or '.join(map(str, need))} free cache pages")
         fits = [w for w in fits if w.worker_id not in avoid] or fits
+
+        def load(w: WorkerInfo) -> int:
+            return w.running + self._pending(w.worker_id).requests
+
+        hits = {w.worker_id: (cached or {}).get(w.worker_id, 0) for w in fits}
+        if any(hits.values()):
+            floor = min(map(load, fits)) + self.cache_slack
+            near = [w for w in fits if load(w) <= floor and hits[w.worker_id]]
+            if near:
+                best = max(hits[w.worker_id] for w in near)
+                fits = [w for w in near if hits[w.worker_id] == best]
         for w in fits:
             if w.worker_id == affinity:
                 return w
         order = self._rotation(fits, role)
-        return min(fits, key=lambda w: (w.running + self._pending(w.worker_id).requests,
-                                        -(w.free_pages - self._pending(w.worker_id).pages), order[w.worker_id]))
+        return min(fits, key=lambda w: (load(w), -(w.free_pages - self._pending(w.worker_id).pages),
+                                        order[w.worker_id]))
 
     def choose_prefill(self, workers: list[WorkerInfo], prompt_tokens: int = 0, *,
-                       avoid: frozenset[str] = frozenset()) -> WorkerInfo:
+                       avoid: frozenset[str] = frozenset(), cached: dict[str, int] | None = None) -> WorkerInfo:
         prefill = [w for w in workers if w.role == "prefill"]
         if not prefill:
             raise NoWorkers("no prefill worker is registered")
@@ -115,7 +135,10 @@ class PairPolicy:
                             "no prefill pool is that large")
         fits = [w for w in large if w.worker_id not in avoid] or large
         order = self._rotation(fits, "prefill")
-        return min(fits, key=lambda w: (w.queued_tokens + self._pending(w.worker_id).tokens, order[w.worker_id]))
+        cached = cached or {}
+        return min(fits, key=lambda w: (w.queued_tokens + self._pending(w.worker_id).tokens
+                                        + prompt_tokens - min(prompt_tokens, cached.get(w.worker_id, 0)),
+                                        order[w.worker_id]))
 
     # -- bookkeeping of what this router has in flight ------------------------
     def add(self, worker_id: str, *, requests: int = 0, pages: int = 0, tokens: int = 0) -> None:

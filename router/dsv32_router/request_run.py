@@ -24,7 +24,7 @@ from .policy import NeverFits, NoCapacity, NoWorkers, PairPolicy, serving_mode
 from .stream import TokenStream
 from .validation import RequestError, ResolvedRequest, Sampling
 from .worker_calls import (WorkerFailed, _drain, _Hold, _looks_gone, _sampling_pb,  # noqa: F401 (re-exported)
-                           keep_reserved, watched)
+                           cached_prefixes, keep_reserved, prompt_accounting, watched)
 
 log = logging.getLogger(__name__)
 RETRY_WAIT_S = 8.0  # a retry waits at most this long for a worker that has not failed it (TTL 5 s + a restart)
@@ -58,6 +58,7 @@ class RequestRun:
         self.prefill_worker = self.decode_worker = ""
         self._announced = False
         self._last_token_at: float | None = None
+        self.cached_tokens: int | None = None  # prompt tokens not computed (prefix caches), from the first token
         self.attempt = 0
         self.span = tracing.current()  # the router's Generate span: the request's attributes go there
         self.span.set_attributes({tracing.REQUEST_ID: req.request_id, tracing.PROMPT_TOKENS: len(req.prompt_ids),
@@ -164,12 +165,17 @@ class RequestRun:
         tracer = telemetry.tracer()
         hold = _Hold(self.policy)
         with tracer.start_as_current_span("reserve", attributes={tracing.ATTEMPT: self.attempt}) as span:
-            d, p, reservation = await self._reserve(len(prompt), sampling.max_tokens, hold)
+            d, p, reservation = await self._reserve(prompt, sampling.max_tokens, hold)
             span.set_attributes({tracing.DECODE_WORKER: d.worker_id, tracing.PREFILL_WORKER: p.worker_id if p else "",
-                                 "dsv32.reserved_pages": len(reservation.page_ids)})
+                                 "dsv32.reserved_pages": len(reservation.page_ids),
+                                 "dsv32.decode_cached_tokens": reservation.cached_tokens,
+                                 "dsv32.local_prefill": reservation.local_prefill})
+        if reservation.local_prefill:  # D holds all but a short tail of the prompt: it prefills that itself
+            hold.release("prefill")
+            p = None
         decode_started = False
         try:
-            # p is None on a colocated worker: d runs the prompt itself, inside its Decode stream
+            # p is None on a colocated worker (or a local prefill): d runs the prompt itself, in its Decode stream
             self.prefill_worker, self.decode_worker = (p or d).worker_id, d.worker_id
             await self._record("prefilling", prefill_worker=self.prefill_worker, decode_worker=d.worker_id)
             pre = None
@@ -179,10 +185,13 @@ class RequestRun:
                     pre = await self._prefill(p, reservation, prompt, sampling, hold)
                     span.set_attributes({"dsv32.sent_bytes": pre.sent_bytes, "dsv32.prefill_queue_s": pre.queue_s,
                                          "dsv32.prefill_compute_s": pre.compute_s,
-                                         "dsv32.transfer_wait_s": pre.transfer_wait_s})
+                                         "dsv32.transfer_wait_s": pre.transfer_wait_s,
+                                         "dsv32.cached_tokens": pre.cached_tokens})
                 await self._record("transferring", sent_bytes=pre.sent_bytes, prefill_queue_s=round(pre.queue_s, 6),
                                    prefill_compute_s=round(pre.compute_s, 6),
-                                   transfer_wait_s=round(pre.transfer_wait_s, 6), prefill_batch=pre.batch_size)
+                                   transfer_wait_s=round(pre.transfer_wait_s, 6), prefill_batch=pre.batch_size,
+                                   **prompt_accounting(prompt, pre.computed_tokens,
+                                                       len(prompt) - reservation.cached_tokens))
             decode_started = True
             with tracer.start_as_current_span("decode", attributes={tracing.DECODE_WORKER: d.worker_id}) as span:
                 async with aclosing(self._decode(d, reservation, prompt, sampling, pre)) as decode:
@@ -198,11 +207,14 @@ class RequestRun:
             hold.release_all()
             await self.directory.notify_changed()  # what this attempt held may let a waiting request fit
 
-    async def _reserve(self, num_prompt: int, max_tokens: int, hold: _Hold
+    async def _reserve(self, prompt: list[int], max_tokens: int, hold: _Hold
                        ) -> tuple[WorkerInfo, WorkerInfo | None, worker_pb2.ReserveResponse]:
         """Reserve on D (or on a colocated worker, returned as D with P = None)."""
         policy, directory = self.policy, self.directory
+        num_prompt = len(prompt)
         colocated = serving_mode(directory.counts()) == "colocated"
+        cached = {} if self.req.sampling.skip_prefix_cache else \
+            await cached_prefixes(self.state, self.directory.snapshot, prompt)
         affinity = None
         if self.req.session_id:
             try:
@@ -215,8 +227,10 @@ class RequestRun:
             snapshot = [w for w in directory.snapshot if w.worker_id not in full]
             try:
                 d = policy.choose_decode(snapshot, num_prompt + max_tokens, affinity=affinity,
-                                         avoid=frozenset(self.avoid), role="colocated" if colocated else "decode")
-                p = None if colocated else policy.choose_prefill(snapshot, num_prompt, avoid=frozenset(self.avoid))
+                                         avoid=frozenset(self.avoid), role="colocated" if colocated else "decode",
+                                         cached=cached)
+                p = None if colocated else policy.choose_prefill(snapshot, num_prompt, avoid=frozenset(self.avoid),
+                                                                 cached=cached)
             except NeverFits as e:
                 raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
             except (NoCapacity, NoWorkers) as e:
@@ -239,8 +253,9 @@ class RequestRun:
             try:
                 res = await directory.decode_stub(d).Reserve(worker_pb2.ReserveRequest(
                     request_id=self.worker_request_id, num_prompt_tokens=num_prompt, max_tokens=max_tokens,
-                    prefill_worker_id=p.worker_id if p else "", lease_s=self.limits.reserve_lease_s),
-                    timeout=min(self._timeout(), 30))
+                    prefill_worker_id=p.worker_id if p else "", lease_s=self.limits.reserve_lease_s,
+                    prompt_ids=prompt, skip_prefix_cache=self.req.sampling.skip_prefix_cache,
+                    session_id=self.req.session_id), timeout=min(self._timeout(), 30))
                 hold.release("decode_pages")  # D's own report counts them from now on
                 return d, p, res
             except BaseException as e:
@@ -290,10 +305,15 @@ class RequestRun:
             call = self.directory.prefill_stub(p).Prefill(worker_pb2.PrefillRequest(
                 request_id=self.worker_request_id, prompt_ids=prompt, sampling=_sampling_pb(sampling),
                 decode_worker_id=res.decode_worker_id, transfer_endpoint=res.transfer_endpoint,
-                transfer_id=res.transfer_id, dst_page_ids=res.page_ids, transfer_token=res.transfer_token),
+                transfer_id=res.transfer_id, dst_page_ids=res.page_ids, transfer_token=res.transfer_token,
+                skip_tokens=res.cached_tokens, session_id=self.req.session_id),
                 timeout=self._timeout())
             return await watched(call, [p] + ([d] if d is not None else []), self._registered)
         except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION and "transfer_endpoint" in (e.details() or ""):
+                # P refused to send to D: D left the registry (stopped, expired) since we reserved on it
+                gone = d or WorkerInfo(res.decode_worker_id, "decode", "")
+                raise WorkerFailed("decode", gone, f"prefill: {e.details()}", "prefill") from None
             self._raise_for(e, "prefill", p, "prefill")
         finally:
             if keep is not None:
@@ -319,8 +339,12 @@ class RequestRun:
                     break
                 if first:
                     first = False
-                    await self._record("decoding",
-                                       **({"received_bytes": msg.received_bytes} if pre is not None else {}))
+                    got = msg.tokens[0].cached_tokens if msg.tokens else 0
+                    if self.cached_tokens is None:
+                        self.cached_tokens = got
+                    # a colocated worker (or a local prefill) ran the prompt: its first token says what it reused
+                    await self._record("decoding", **({"received_bytes": msg.received_bytes} if pre is not None
+                                                      else prompt_accounting(prompt, len(prompt) - got, 0)))
                 out = self._emit(msg.tokens)
                 if out is not None:
                     yield out
@@ -368,5 +392,6 @@ class RequestRun:
             out.usage.CopyFrom(serving_pb2.Usage(prompt_tokens=len(self.req.prompt_ids),
                                                  completion_tokens=len(self.generated),
                                                  time_to_first_token_s=self.ttft or 0.0,
-                                                 e2e_s=time.monotonic() - self.t0))
+                                                 e2e_s=time.monotonic() - self.t0,
+                                                 cached_tokens=min(self.cached_tokens or 0, len(self.req.prompt_ids))))
         return out

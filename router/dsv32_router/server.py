@@ -30,7 +30,7 @@ from dsv32_cluster import auth
 from dsv32_cluster.envflags import add_env_argument
 from dsv32_cluster.directory import WorkerDirectory
 from dsv32_cluster.parent import die_with_parent
-from dsv32_cluster.state import DEFAULT_PREFIX, AsyncClusterState
+from dsv32_cluster.state import DEFAULT_PREFIX, DEFAULT_SESSION_TTL_S, AsyncClusterState
 from .limits import RouterLimits
 from .orchestrator import Orchestrator
 from .validation import ModelSpec, RequestError
@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="OpenAI-compatible HTTP API port (0 = any free port, -1 = off); see http_app.py")
     arg("--redis-url", default="redis://127.0.0.1:6379/0", help="cluster state")
     arg("--redis-prefix", default=DEFAULT_PREFIX, help="key prefix of this cluster in Redis")
+    arg("--session-ttl", type=int, default=DEFAULT_SESSION_TTL_S,
+        help="seconds a session's record (and the workers' cached pages for it) lives after its last turn")
     arg("--max-inflight", type=int, default=256, help="requests in flight before new ones wait")
     arg("--max-waiting", type=int, default=256, help="requests waiting for admission before RESOURCE_EXHAUSTED")
     arg("--admission-timeout", type=float, default=10.0, help="seconds a request may wait for capacity")
@@ -101,6 +103,14 @@ class GenerationService(serving_pb2_grpc.GenerationServicer):
             id=s.name, max_model_len=s.max_model_len, vocab_size=s.vocab_size, numerics=s.numerics)])
 
 
+    async def EndSession(self, request, context):
+        try:
+            found, freed = await self.orch.end_session(request.session_id)
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+        return serving_pb2.EndSessionResponse(found=found, released_pages=freed)
+
+
 class Router:
     """The router process: gRPC server, worker directory, health status."""
 
@@ -123,7 +133,8 @@ class Router:
     async def serve(self) -> None:
         args = self.args
         # one connection per request in flight (each may hold one while it records), plus the loops' own
-        state = AsyncClusterState.from_url(args.redis_url, args.redis_prefix, max_connections=args.max_inflight + 32)
+        state = AsyncClusterState.from_url(args.redis_url, args.redis_prefix, max_connections=args.max_inflight + 32,
+                                           session_ttl_s=args.session_ttl)
         directory = WorkerDirectory(state, interceptors=telemetry.grpc_client_interceptors(True, self.tracing))
         await directory.start()
         await state.router_alive(self.router_id)  # before any request of ours can be reaped

@@ -95,6 +95,8 @@ class Sampling:
     """Structured output (empty = off): enforced by the workers' samplers."""
     grammar_replay: int = 0
     """Trailing prompt tokens that were generated under ``json_schema`` (set on a retry)."""
+    skip_prefix_cache: bool = False
+    """The request neither reuses cached prompt pages nor leaves its own in the workers' caches."""
 
     def remaining(self, generated: int) -> Sampling:
         """The same parameters for a continuation after ``generated`` tokens (a retry): the
@@ -225,6 +227,7 @@ def resolve(req: serving_pb2.GenerateRequest, tokenizer, spec: ModelSpec) -> Res
                            f"{req.WhichOneof('input')}: {len(prompt_ids)} tokens do not fit in the model's context "
                            f"of {spec.max_model_len} tokens (with room for at least one generated token)")
     sampling, chosen = _sampling(req.sampling, spec, len(prompt_ids))
+    sampling.skip_prefix_cache = req.skip_prefix_cache
     forced = req.chat.forced_tool if req.WhichOneof("input") == "chat" else ""
     required = req.WhichOneof("input") == "chat" and req.chat.require_tool
     if forced or required:

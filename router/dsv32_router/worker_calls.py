@@ -49,7 +49,23 @@ def _sampling_pb(s: Sampling) -> worker_pb2.WorkerSampling:
     return worker_pb2.WorkerSampling(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                      max_tokens=s.max_tokens, seed=s.seed, stop_token_ids=s.stop_token_ids,
                                      ignore_eos=s.ignore_eos, logprobs=s.logprobs, json_schema=s.json_schema,
-                                     grammar_replay=s.grammar_replay)
+                                     grammar_replay=s.grammar_replay, skip_prefix_cache=s.skip_prefix_cache)
+
+
+def prompt_accounting(prompt: list[int], computed: int, transferred: int) -> dict:
+    """A request record's split of the prompt: found in a prefix cache, run through a forward, moved over the wire."""
+    return {"cached_prompt_tokens": len(prompt) - computed, "computed_prompt_tokens": computed,
+            "transferred_prompt_tokens": transferred}
+
+
+async def cached_prefixes(state, workers: list[WorkerInfo], prompt: list[int]) -> dict[str, int]:
+    """Leading prompt tokens each worker holds (its published key set); {} on any trouble (routing then
+    goes by load alone)."""
+    try:
+        return await state.cached_prefix_tokens(workers, prompt)
+    except Exception as e:
+        log.debug("prefix lookup failed: %s", e)
+        return {}
 
 
 class _Hold:

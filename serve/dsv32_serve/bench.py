@@ -1,4 +1,4 @@
-"""``dsv32-serve bench engine | kernels | transfer | ep``: side-by-side benchmarks that report ratios."""
+"""``dsv32-serve bench engine | kernels | transfer | ep | weights``: side-by-side benchmarks that report ratios."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ BENCHES = {
     "kernels": ("dsv32_kernels.bench", "Triton kernels vs their torch twins and the H200 roofline"),
     "ep": ("dsv32_engine.bench_ep", "expert parallelism at EP = 1, 2, 4: step phases, bytes moved vs minimum, "
                                     "resident weights per rank"),
+    "weights": ("dsv32_engine.bench_weights", "an FP8 checkpoint as stored vs dequantised at load: resident bytes "
+                                              "(and at DeepSeek-V3.2's shapes), decode tokens/s"),
     "transfer": ("dsv32_engine.transfer.bench", "KV transfer vs raw torch.distributed send/recv; TTFT overlap"),
     "frontends": ("dsv32_serve.bench_frontends", "TTFT/TPOT through HTTP vs gRPC; decode tok/s with a JSON-schema "
                                                  "mask vs none"),

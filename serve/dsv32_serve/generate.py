@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tools", default=None, metavar="FILE",
                    help="JSON list of OpenAI tools (with --chat --target): parsed tool calls are printed")
     p.add_argument("--numerics", choices=["exact", "fp8"], default="exact")
+    p.add_argument("--weight-format", choices=["fp8", "dequant"], default="fp8",
+                   help="FP8 checkpoint weights kept as stored (fp8) or dequantised at load (see EngineConfig)")
     add_sampling_arguments(p)
 
 
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from dsv32_engine.llm import LLM
     from dsv32_engine.sampling_params import SamplingParams
 
-    llm = LLM(args.model, numerics=args.numerics)
+    llm = LLM(args.model, numerics=args.numerics, weight_format=args.weight_format)
     sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
                         seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
     prompt = args.prompt

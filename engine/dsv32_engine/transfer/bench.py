@@ -21,7 +21,9 @@ Times are medians over ``--repeats``, measured across the two processes with
 the shared monotonic clock; the ratio is the median of the ratios of each
 transfer and the raw send right after it (the load of a shared machine
 changes from second to second). Pages are a random permutation on both sides
-(gather and scatter included) unless ``--contiguous``.
+(gather and scatter included) unless ``--contiguous`` (runs: sent from and
+received into the pools in place). ``--message-mb`` sets the sender's largest
+message (``KVSender(chunk_bytes=...)``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how a layer is 'computed': sleep (GPU-like: the CPU stays free) or a matmul loop")
     p.add_argument("--contiguous", action="store_true", help="use runs of consecutive pages (no gather/scatter)")
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--message-mb", type=float, default=None, help="KVSender's message size (default: its own)")
     p.add_argument("--json", help="also write the results here")
 
 
@@ -88,7 +91,7 @@ def _plan(args) -> dict:
         ms = args.layer_ms if args.layer_ms is not None else 1.25 * t / 1024
         cases += [{"kind": "overlap", "tokens": t, "layer_ms": ms} for _ in range(args.repeats)]
     return {"mode": args.mode, "layers": args.layers, "pages": max_pages, "contiguous": args.contiguous,
-            "compute": args.compute, "timeout": args.timeout, "cases": cases}
+            "compute": args.compute, "timeout": args.timeout, "message_mb": args.message_mb, "cases": cases}
 
 
 def _pages(plan: dict, n: int, seed: int) -> list[int]:
@@ -126,7 +129,8 @@ def _sender_main(endpoint: str, plan: dict) -> None:
     torch.set_num_threads(1)
     layout = _layout(plan["mode"])
     cache = _Cache(layout, plan["layers"], plan["pages"], fill=True)
-    tx = KVSender(cache, "bench-prefill", timeout_s=plan["timeout"])
+    extra = {} if plan.get("message_mb") is None else {"chunk_bytes": int(plan["message_mb"] * (1 << 20))}
+    tx = KVSender(cache, "bench-prefill", timeout_s=plan["timeout"], **extra)
     pg, store = _raw_group(endpoint, 0, plan["timeout"])
     page_bytes = layout.latent_page_bytes + layout.index_page_bytes
     raw = torch.ones(layout.pages_for(max(c["tokens"] for c in plan["cases"])) * page_bytes * plan["layers"],

@@ -14,6 +14,8 @@ from __future__ import annotations
 import threading
 import time
 
+import torch
+
 from .errors import ChecksumMismatch, GeometryMismatch, PeerUnreachable, StillInFlight, TransferError, TransferTimeout
 from .faults import FaultPlan, corrupt_part
 from .pages import CachePages, Checksum
@@ -53,14 +55,14 @@ DEFAULT_HUB = FakeTransferHub()
 
 
 class _Incoming:
-    def __init__(self, transfer_id: str):
+    def __init__(self, transfer_id: str, device: torch.device):
         self.status = TransferState(transfer_id)
         self.peer_id: str | None = None
         self.pages = None
         self.num_layers = 0
         self.deadline = 0.0
         self.parked: list[tuple[str, tuple, int, list]] = []  # (sender, geometry, layer, [bytes a pool]) before expect
-        self.checksum, self.next_layer, self.sender_sum = Checksum(), 0, None
+        self.checksum, self.next_layer, self.sender_sum = Checksum(device), 0, None
 
 
 class FakeKVReceiver:
@@ -75,7 +77,7 @@ class FakeKVReceiver:
     def expect(self, transfer_id: str, peer_id: str, dst_pages: list[int], num_layers: int | None = None,
                token: str = "") -> None:
         with self._hub.lock:
-            t = self._incoming.setdefault(transfer_id, _Incoming(transfer_id))
+            t = self._incoming.setdefault(transfer_id, _Incoming(transfer_id, self._pages.device))
             if t.pages is not None:
                 raise ValueError(f"transfer {transfer_id} is already expected")
             t.peer_id, t.pages = peer_id, self._pages.page_set(dst_pages)
@@ -127,7 +129,7 @@ class FakeKVReceiver:
                 sender_sum: str | None) -> None:
         """Called by ``FakeKVSender`` (under the hub lock) for each layer; the last one carries the checksum.
         ``geometry``: the sender's (layers, pages, latent page bytes, index page bytes), as announced."""
-        t = self._incoming.setdefault(transfer_id, _Incoming(transfer_id))
+        t = self._incoming.setdefault(transfer_id, _Incoming(transfer_id, self._pages.device))
         if sender_sum is not None:
             t.sender_sum = sender_sum
         if t.pages is None:
@@ -163,11 +165,11 @@ class FakeKVReceiver:
 
 
 class FakeSendHandle:
-    def __init__(self, transfer_id: str, receiver: FakeKVReceiver, pages, num_layers: int):
+    def __init__(self, transfer_id: str, receiver: FakeKVReceiver, pages, num_layers: int, device: torch.device):
         self.transfer_id, self.receiver, self.pages, self.num_layers = transfer_id, receiver, pages, num_layers
         self.status = TransferState(transfer_id)
         self.status.advance(KVPoll.WAITING)
-        self.checksum, self.next_layer = Checksum(), 0
+        self.checksum, self.next_layer = Checksum(device), 0
 
 
 class FakeKVSender:
@@ -184,7 +186,7 @@ class FakeKVSender:
         if receiver.worker_id != decode_id:
             raise PeerUnreachable(f"{endpoint} is {receiver.worker_id}, not {decode_id}")
         return FakeSendHandle(transfer_id, receiver, self._pages.page_set(src_pages),
-                              num_layers or self._pages.num_layers)
+                              num_layers or self._pages.num_layers, self._pages.device)
 
     def send_layer(self, handle: FakeSendHandle, layer: int) -> None:
         if layer != handle.next_layer or layer >= handle.num_layers:

@@ -54,5 +54,6 @@ class FaultPlan:
 
 
 def corrupt_part(kind: str, num_parts: int) -> int:
-    """Which pool of a layer (0 latent, 1 indexer) a corrupting fault hits, given the pools that travel."""
-    return 1 if kind == "corrupt-index" and num_parts > 1 else 0
+    """Which pool of a layer a corrupting fault hits, as an index into the pools that travel
+    (``CachePages.parts``: indexer then latent, or latent alone)."""
+    return 0 if kind == "corrupt-index" else num_parts - 1

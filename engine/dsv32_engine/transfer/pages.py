@@ -11,10 +11,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
+import xxhash
+
+HASH_BLOCK_BYTES = 2 << 20
+"""Gather/scatter and hash this many bytes at a time, so the hash reads what the copy just wrote from cache."""
 
 
 def pool_pages(pool: torch.Tensor) -> torch.Tensor:
@@ -54,8 +60,17 @@ class CachePages:
         return self.latent_page_bytes + self.index_page_bytes
 
     def parts(self, layer: int) -> list[torch.Tensor]:
-        """The pools of one layer that travel, in wire and checksum order: latent, then indexer."""
-        return [self.latent[layer], self.index[layer]] if self.index_page_bytes else [self.latent[layer]]
+        """The pools of one layer that travel, in wire and checksum order: indexer (if any), then latent.
+
+        The smaller pool goes first: the receiver writes a message straight into the pages only once an
+        earlier message of the same layer has landed (see ``landing``), which is then most of the bytes.
+        """
+        return [self.index[layer], self.latent[layer]] if self.index_page_bytes else [self.latent[layer]]
+
+    @property
+    def part_bytes(self) -> list[int]:
+        """Bytes of one page of each pool of ``parts``, in the same order."""
+        return [self.index_page_bytes, self.latent_page_bytes] if self.index_page_bytes else [self.latent_page_bytes]
 
     def page_set(self, pages: Sequence[int]) -> PageSet:
         return PageSet(pages, self.num_pages, self.device)
@@ -79,71 +94,107 @@ class PageSet:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def chunks(self, ranges: list[tuple[int, int]]) -> list[PageSet]:
-        """The page sets of consecutive slices of this one (the pages of each message)."""
-        out = []
-        for a, b in ranges:
-            sub = PageSet.__new__(PageSet)
-            sub.ids = self.ids[a:b]
-            sub.run_start = sub.ids[0] if sub.ids == list(range(sub.ids[0], sub.ids[0] + b - a)) else None
-            sub.ids_tensor, sub.ids_numpy = self.ids_tensor[a:b], self.ids_numpy[a:b]
-            out.append(sub)
+    def window(self, a: int, b: int) -> PageSet:
+        """The page set of the slice ``[a, b)`` of this one (the pages of one message segment)."""
+        sub = PageSet.__new__(PageSet)
+        sub.ids = self.ids[a:b]
+        sub.run_start = sub.ids[0] if sub.ids == list(range(sub.ids[0], sub.ids[0] + b - a)) else None
+        sub.ids_tensor, sub.ids_numpy = self.ids_tensor[a:b], self.ids_numpy[a:b]
+        return sub
+
+    def run(self, pool: torch.Tensor) -> torch.Tensor | None:
+        """These pages of a ``[pages, page_bytes]`` pool as a view, if they are a run of consecutive ids."""
+        return None if self.run_start is None else pool[self.run_start : self.run_start + len(self)]
+
+    def gather(self, pool: torch.Tensor, out: torch.Tensor, checksum: Checksum | None = None) -> torch.Tensor:
+        """Copy these pages of a ``[pages, page_bytes]`` pool into ``out`` (``[n, page_bytes]``), extending
+        ``checksum`` over each block right after copying it (one pass over the pool: the hash reads from cache)."""
+        step = _block_rows(pool.shape[1], pool.is_cuda)
+        for a in range(0, len(self), step):
+            block = out[a : a + step]
+            torch.index_select(pool, 0, self.ids_tensor[a : a + step], out=block)
+            if checksum is not None:
+                checksum.update(block)
         return out
 
-    def gather(self, pool: torch.Tensor, staging: torch.Tensor) -> torch.Tensor:
-        """These pages of a ``[pages, page_bytes]`` pool as one contiguous buffer (a view if they are a run)."""
-        if self.run_start is not None:
-            return pool[self.run_start : self.run_start + len(self)]
-        out = staging[: len(self) * pool.shape[1]].view(len(self), pool.shape[1])
-        return torch.index_select(pool, 0, self.ids_tensor, out=out)
+    def scatter(self, pool: torch.Tensor, buf: torch.Tensor, checksum: Checksum | None = None,
+                guard: Callable[[], AbstractContextManager[bool]] | None = None) -> None:
+        """Write ``buf`` (``[n, page_bytes]``) into these pages of the pool, hashing each block just before
+        writing it. ``guard``: entered around each block's write, which happens only if it yields True."""
+        step = _block_rows(pool.shape[1], pool.is_cuda)
+        for a in range(0, len(self), step):
+            block = buf[a : a + step]
+            if checksum is not None:
+                checksum.update(block)
+            with guard() if guard is not None else nullcontext(True) as may_write:
+                if may_write:
+                    self._scatter(pool, block, a)
 
-    def scatter(self, pool: torch.Tensor, buf: torch.Tensor) -> None:
-        """Write ``buf`` (``[n, page_bytes]``) into these pages of the pool."""
+    def _scatter(self, pool: torch.Tensor, block: torch.Tensor, a: int) -> None:
+        n = block.shape[0]
         if self.run_start is not None:
-            pool[self.run_start : self.run_start + len(self)].copy_(buf)
+            pool[self.run_start + a : self.run_start + a + n].copy_(block)
         elif pool.is_cuda:
-            pool.index_copy_(0, self.ids_tensor, buf)
+            pool.index_copy_(0, self.ids_tensor[a : a + n], block)
         else:  # numpy's fancy assignment copies rows at memcpy speed; torch's index_copy_ is ~8x slower on CPU
-            pool.numpy()[self.ids_numpy] = buf.numpy()
+            pool.numpy()[self.ids_numpy[a : a + n]] = block.numpy()
+
+
+def _block_rows(page_bytes: int, cuda: bool) -> int:
+    """Pages per gather/scatter block: one block on a GPU (one kernel), ~``HASH_BLOCK_BYTES`` on a CPU."""
+    return 1 << 30 if cuda else max(1, HASH_BLOCK_BYTES // max(page_bytes, 1))
 
 
 class Checksum:
-    """Running checksum of page buffers, in the order they are fed (layer 0 latent, layer 0 index, layer 1...).
+    """Running checksum of page bytes, in the order they are fed (layer 0 indexer, layer 0 latent, layer 1...).
 
-    Each page is reduced to a 64-bit digest ``sum_j (2j+1) * word_j mod 2**64`` over its 8-byte words (one
-    pass at memory speed, 5-10x cheaper than crc32 here, where the checksum competes with the copies for
-    two cores); the digests are hashed in order with blake2b. So any changed word (odd weights are
-    invertible mod 2**64), any reordering of words within a page, any page out of place and any missing
-    or extra page or pool (a missing indexer) changes the result. CPU and CUDA give the same digests.
+    On a CPU: XXH3-128 (the ``xxhash`` library) over the byte stream, ~60 GB/s a core here, so the sender
+    hashes each block it gathers (or the pages it sends in place) and the receiver each block it scatters
+    (or the pages a message landed in) while they are in cache. Any changed, reordered, missing or extra
+    byte (a missing indexer pool) changes the result; where message boundaries fall does not.
+
+    On a GPU (no copy to the host): a fused torch reduction per page, ``sum_j (2j+1) * word_j mod 2**64``
+    over its 8-byte words (odd weights are invertible mod 2**64: any changed word, or words reordered
+    within a page, changes it), the digests kept on the device and hashed in order with blake2b at the end.
+    The two give different strings (``kv2:`` / ``kv1:``); both sides of a transfer use the same device kind.
     """
 
-    def __init__(self):
-        self._hash = hashlib.blake2b(digest_size=8)
+    def __init__(self, device: torch.device | str | None = None):
+        self.cuda = torch.device(device).type == "cuda" if device is not None else False
+        self._xxh = None if self.cuda else xxhash.xxh3_128()
+        self._digests: list[torch.Tensor] = []
+        self.seconds = 0.0
+        """Time spent hashing (on a GPU: launching the reductions)."""
 
     def update(self, buf: torch.Tensor) -> None:
-        """Add a ``[pages, page_bytes]`` uint8 buffer (page_bytes a multiple of 8)."""
-        words = buf.shape[1] // 8
-        if buf.is_cuda:  # int64 wraps like uint64: the same digests as numpy's
-            digests = (buf.view(torch.int64) * _weights(words, buf.device)).sum(dim=1).cpu().numpy()
+        """Add a ``[pages, page_bytes]`` uint8 buffer (page_bytes a multiple of 8), contiguous."""
+        t0 = time.perf_counter()
+        if buf.is_cuda != self.cuda:
+            raise ValueError(f"a {'CUDA' if self.cuda else 'CPU'} checksum was fed a {buf.device} buffer")
+        if self.cuda:  # int64 wraps like uint64
+            words = buf.shape[1] // 8
+            self._digests.append((buf.view(torch.int64) * _weights(words, buf.device)).sum(dim=1))
         else:
-            digests = np.einsum("ij,j->i", buf.numpy().view(np.uint64), _weights(words, None))
-        self._hash.update(digests.astype("<u8", copy=False).tobytes())
+            self._xxh.update(buf.numpy())
+        self.seconds += time.perf_counter() - t0
 
     def hexdigest(self) -> str:
-        return "kv1:" + self._hash.hexdigest()
+        if not self.cuda:
+            return "kv2:" + self._xxh.hexdigest()
+        digests = torch.cat(self._digests).cpu().numpy() if self._digests else np.zeros(0, dtype=np.int64)
+        return "kv1:" + hashlib.blake2b(digests.astype("<i8", copy=False).tobytes(), digest_size=8).hexdigest()
 
 
 @functools.lru_cache(maxsize=32)
-def _weights(words: int, device: torch.device | None):
-    odd = np.arange(1, 2 * words, 2, dtype=np.uint64)
-    return odd if device is None else torch.from_numpy(odd.view(np.int64)).to(device)
+def _weights(words: int, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.arange(1, 2 * words, 2, dtype=np.uint64).view(np.int64)).to(device)
 
 
 def cache_checksum(cache, pages: Sequence[int], num_layers: int | None = None) -> str:
     """What a transfer of these pages reports as its checksum, computed straight from a cache."""
     cp = CachePages(cache, num_layers)
     ps = cp.page_set(pages)
-    checksum = Checksum()
+    checksum = Checksum(cp.device)
     for layer in range(cp.num_layers):
         for pool in cp.parts(layer):
             checksum.update(pool[ps.ids_tensor].contiguous())

@@ -11,8 +11,10 @@ All keys live on the decode worker's TCPStore:
 * ``xfer/announce`` — a store queue of announcements, one per transfer
   (generation, sequence number, geometry), pushed by senders before their
   first send and popped by the receiver's bootstrap thread.
-* ``xfer/{transfer_id}/sum`` — the sender's checksum, set before its last send;
-  the receiver compares and deletes it.
+
+A transfer's bytes travel on the pair group as the messages of ``message_plan``,
+tagged ``(seq, message)``, followed by one more: the sender's checksum
+(``DIGEST_BYTES``), which the receiver compares with its own.
 """
 
 from __future__ import annotations
@@ -32,28 +34,94 @@ import torch.distributed as dist
 from .errors import PeerFailed, PeerUnreachable, TransferError, TransferTimeout
 
 SENDER_RANK, RECEIVER_RANK = 0, 1
-LAYER_BITS, CHUNK_BITS = 8, 8  # < 256 layers (DeepSeek-V3.2: 61, +1 MTP), < 256 chunks a pool a layer
-SEQ_BITS = 31 - LAYER_BITS - 1 - CHUNK_BITS  # gloo tags are C ints
-SEQ_MOD = 1 << SEQ_BITS  # sequence numbers wrap after 16384 transfers on a pair (far more than can be in flight)
-MAX_CHUNKS = 1 << CHUNK_BITS
+MESSAGE_BITS = 16  # < 65536 messages a transfer (see message_plan)
+SEQ_BITS = 31 - MESSAGE_BITS  # gloo tags are C ints
+SEQ_MOD = 1 << SEQ_BITS  # sequence numbers wrap after 32768 transfers on a pair (far more than can be in flight)
+MAX_WINDOWS = 128  # messages one pool of one layer is cut into, at most
+MIN_MESSAGE_BYTES = 4 << 20
+"""Pieces smaller than this are packed together with the next ones of their layer. A message has a fixed
+cost (gloo: ~0.1-0.2 ms here, and a receive posted into the pages is posted late, so the sender waits for
+it), about what copying a few MB costs; measured on the 2 shared cores, 4 MiB was the better cut."""
 ANNOUNCE_QUEUE = "xfer/announce"
 
 
-def tag(seq: int, layer: int, part: int, chunk: int = 0) -> int:
-    """The gloo tag of one message: distinct for every (transfer in flight on the pair, layer, pool, chunk)."""
-    if not (0 <= layer < (1 << LAYER_BITS) and part in (0, 1) and 0 <= chunk < MAX_CHUNKS):
-        raise ValueError(f"layer {layer} / part {part} / chunk {chunk} out of the tag range")
-    return (((((seq % SEQ_MOD) << LAYER_BITS) | layer) << 1 | part) << CHUNK_BITS) | chunk
+def tag(seq: int, message: int) -> int:
+    """The gloo tag of one message: distinct for every (transfer in flight on the pair, message)."""
+    if not 0 <= message < (1 << MESSAGE_BITS):
+        raise ValueError(f"message {message} out of the tag range")
+    return ((seq % SEQ_MOD) << MESSAGE_BITS) | message
 
 
-def chunk_ranges(num_pages: int, chunk_pages: int) -> list[tuple[int, int]]:
-    """Page ranges ``[a, b)`` of the messages one pool of one layer is cut into."""
-    return [(a, min(a + chunk_pages, num_pages)) for a in range(0, num_pages, chunk_pages)]
+@dataclass(frozen=True)
+class Segment:
+    """Pages ``[a, b)`` of the transfer's page list, of pool ``part`` (``CachePages.parts``) of ``layer``."""
+
+    layer: int
+    part: int
+    a: int
+    b: int
+    page_bytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return (self.b - self.a) * self.page_bytes
 
 
-def pages_per_chunk(num_pages: int, page_bytes: int, chunk_bytes: int) -> int:
-    """Pages a message: about ``chunk_bytes`` (so that checksum and copies run on cache-hot data)."""
-    return max(1, chunk_bytes // max(page_bytes, 1), -(-num_pages // MAX_CHUNKS))
+@dataclass(frozen=True)
+class Message:
+    """One send/recv: its segments back to back, in wire (and checksum) order."""
+
+    segments: tuple[Segment, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.segments)
+
+    @property
+    def last_layer(self) -> int:
+        return self.segments[-1].layer
+
+
+def message_plan(num_layers: int, num_pages: int, part_bytes: list[int], chunk_pages: int) -> list[Message]:
+    """The messages of a transfer, the same on both sides (everything here is in the announcement).
+
+    Each pool of each layer is cut into windows of at most ``chunk_pages`` latent pages' worth of bytes; a
+    window of at least ``MIN_MESSAGE_BYTES`` is a message of its own (sent from / received into the pages
+    in place where they are a run), smaller ones are packed with the small pieces that follow until the
+    message reaches ``MIN_MESSAGE_BYTES``. A message never spans layers: each layer leaves as soon as
+    ``send_layer`` hands it over (and the receiver sees progress a layer at a time). So a short prompt sends
+    one message a layer (indexer and latent pages packed), a long one a message a pool a layer (or a window).
+    """
+    chunk_bytes = chunk_pages * max(part_bytes)
+    pieces = []
+    for layer in range(num_layers):
+        for part, page_bytes in enumerate(part_bytes):
+            per = max(1, chunk_bytes // page_bytes, -(-num_pages // MAX_WINDOWS))
+            n = max(1, -(-num_pages // per))  # balanced windows: no small tail message
+            bounds = [num_pages * i // n for i in range(n + 1)]
+            pieces += [Segment(layer, part, a, b, page_bytes) for a, b in zip(bounds, bounds[1:]) if b > a]
+    messages, pending = [], []
+    for piece in pieces:
+        if pending and (piece.nbytes >= MIN_MESSAGE_BYTES or piece.layer != pending[0].layer):
+            messages.append(Message(tuple(pending)))
+            pending = []
+        if piece.nbytes >= MIN_MESSAGE_BYTES:  # on its own: it may be sent and received in place
+            messages.append(Message((piece,)))
+            continue
+        pending.append(piece)
+        if sum(p.nbytes for p in pending) >= MIN_MESSAGE_BYTES:
+            messages.append(Message(tuple(pending)))
+            pending = []
+    if pending:
+        messages.append(Message(tuple(pending)))
+    if len(messages) >= 1 << MESSAGE_BITS:  # (the checksum message comes after them)
+        raise ValueError(f"{len(messages)} messages: more than the tag range (raise chunk_pages)")
+    return messages
+
+
+def pages_per_chunk(page_bytes: int, chunk_bytes: int) -> int:
+    """Pages of ``page_bytes`` in about ``chunk_bytes`` (the announced message size, in latent pages)."""
+    return max(1, chunk_bytes // max(page_bytes, 1))
 
 
 def gen_key(prefill_id: str, decode_id: str) -> str:
@@ -64,8 +132,19 @@ def group_prefix(prefill_id: str, decode_id: str, gen: int) -> str:
     return f"pair/{prefill_id}/{decode_id}/{gen}/"
 
 
-def checksum_key(transfer_id: str) -> str:
-    return f"xfer/{transfer_id}/sum"
+DIGEST_BYTES = 64
+"""The last message of a transfer: the sender's checksum (``Checksum.hexdigest``), ASCII, zero-padded."""
+
+
+def encode_digest(hexdigest: str, device: torch.device) -> torch.Tensor:
+    raw = hexdigest.encode().ljust(DIGEST_BYTES, b"\0")
+    if len(raw) != DIGEST_BYTES:
+        raise ValueError(f"checksum {hexdigest!r} is longer than {DIGEST_BYTES} bytes")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device)
+
+
+def decode_digest(buf: torch.Tensor) -> str:
+    return bytes(buf.cpu().numpy()).rstrip(b"\0").decode("ascii", "replace")
 
 
 @dataclass(frozen=True)
@@ -86,6 +165,11 @@ class Announcement:
     proof: str = ""
     """HMAC-SHA256 of the fields above under the transfer's token (which the decode worker issued and only
     the router and this sender know); empty without a token."""
+
+    @property
+    def part_bytes(self) -> list[int]:
+        """Page bytes of each pool that travels, in wire order (as ``CachePages.part_bytes``)."""
+        return [self.index_page_bytes, self.latent_page_bytes] if self.index_page_bytes else [self.latent_page_bytes]
 
     def signed(self, token: str) -> Announcement:
         return replace(self, proof=self.expected_proof(token)) if token else self
@@ -231,7 +315,7 @@ class PairGroup:
 
     pg: object
     store: object
-    """The group's own store connection (rendezvous, then checksums); guarded by ``store_lock``."""
+    """The group's own store connection (its rendezvous); guarded by ``store_lock``."""
     gen: int
     ordered: bool
     """True where the backend matches sends to receives by order, not tag (NCCL)."""

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections import deque
+from contextlib import contextmanager
 
 import torch
 
 from .bootstrap import BootstrapQueue
 from .errors import (ChecksumMismatch, GeometryMismatch, PeerFailed, TransferClosed, TransferError, TransferTimeout,
                      transfer_error)
-from .pages import CachePages, Checksum, PageSet, StagingPool
-from .pair import (SENDER_RANK, Announcement, PairGroup, backend_for, build_group, checksum_key, chunk_ranges,
-                   group_prefix, host_store, peer_error, seconds_left, tag, wait_work)
+from .landing import Landing
+from .pages import CachePages, PageSet, StagingPool
+from .pair import (SENDER_RANK, Announcement, PairGroup, backend_for, build_group, group_prefix, host_store,
+                   seconds_left)
 from .state import KVPoll, TransferResult, TransferState, TransferThreads
+
+log = logging.getLogger(__name__)
 
 
 MAX_PREBUILDS = 16
@@ -27,13 +31,21 @@ class _Expected:
     def __init__(self, transfer_id: str, peer_id: str, pages: PageSet, num_layers: int):
         self.transfer_id, self.peer_id, self.pages, self.num_layers = transfer_id, peer_id, pages, num_layers
         self.status = TransferState(transfer_id)
-        # Guards writes to the pages against release(): after release() returns, no page is written.
-        # (So data always lands in staging buffers first: a receive posted into the pages could not be recalled.)
-        self.lock = threading.Lock()
+        # Guards writes to the pages against release(): after release() returns, no page is written. A receive
+        # posted straight into the pages cannot be recalled, so release() waits for those in flight (``in_place``);
+        # one is posted only once a message of its layer has landed (see ``landing``).
+        self.lock = threading.Condition()
         self.released = False
         self.released_at = 0.0
+        self.in_place = 0
         self.claim = None
         self.token = ""
+
+    @contextmanager
+    def writing(self):
+        """Hold the lock; yields whether the pages may still be written."""
+        with self.lock:
+            yield not self.released
 
 
 class _Peer:
@@ -118,13 +130,23 @@ class KVReceiver:
         return self._get(transfer_id).status.wait(timeout_s)
 
     def release(self, transfer_id: str) -> None:
-        """Forget a transfer; from the return on, nothing writes to its pages. Data still in flight is drained."""
+        """Forget a transfer; from the return on, nothing writes to its pages. Data still in flight is drained.
+
+        Returns at once, unless messages are being received straight into the pages: then when they have
+        landed (each was posted after a message of its layer landed: the sender is sending it) or failed
+        (at the transfer's deadline, at most ``timeout_s`` later, which closes the pair).
+        """
+        self._release(transfer_id, self.timeout_s + 1.0)
+
+    def _release(self, transfer_id: str, wait_s: float) -> None:
         with self._lock:
             t = self._transfers.pop(transfer_id, None)
         if t is not None:
             with t.lock:
                 t.released = True
                 t.released_at = time.monotonic()
+                if not t.lock.wait_for(lambda: t.in_place == 0, wait_s):
+                    log.error("transfer %s: released while a receive into its pages is still posted", transfer_id)
 
     @property
     def healthy(self) -> bool:
@@ -144,8 +166,9 @@ class KVReceiver:
         self._closed = True
         with self._lock:
             ids = list(self._transfers)
-        for tid in ids:
-            self.release(tid)
+        end = time.monotonic() + join_timeout_s
+        for tid in ids:  # closing: the pages go with the receiver
+            self._release(tid, max(0.0, end - time.monotonic()))
         with self._store_lock:
             self._bootstrap.close(self._store)
         self._threads.join(join_timeout_s)
@@ -173,7 +196,8 @@ class KVReceiver:
             error = self._mismatch(t, ann)
             group = self._group_for(ann, deadline)
             t.status.advance(KVPoll.WAITING)
-            mine, sender_sum = self._receive(t, ann, group, write=error is None, deadline=deadline)
+            mine, sender_sum = Landing(t, ann, group, self._pages, self._staging, error is None,
+                                       self._window_bytes, self.timeout_s).run(deadline)
             if error is None and sender_sum != mine:
                 error = ChecksumMismatch(f"checksum mismatch: sender {sender_sum}, receiver {mine} "
                                          "(latent or indexer pages corrupted or missing)")
@@ -259,54 +283,3 @@ class KVReceiver:
                                     1 - SENDER_RANK, seconds_left(deadline), host)
             peer.group = PairGroup(pg, store, ann.gen, ann.ordered)
             return peer.group
-
-    def _receive(self, t: _Expected, ann: Announcement, group: PairGroup, write: bool, deadline: float):
-        """Keep ~``window_bytes`` of receives posted; checksum and place each message as it lands, in order.
-
-        Each message lands in a staging buffer and is checksummed and scattered while still in cache
-        (a deeper window lets the socket run ahead and the data go cold).
-        """
-        ranges = chunk_ranges(ann.num_pages, ann.chunk_pages)
-        chunks = t.pages.chunks(ranges) if write else None
-        page_bytes = [b for b in (ann.latent_page_bytes, ann.index_page_bytes) if b]
-        messages = [(layer, part, c) for layer in range(ann.num_layers) for part in range(len(page_bytes))
-                    for c in range(len(ranges))]
-        window = max(2, self._window_bytes // (ann.chunk_pages * sum(page_bytes) // len(page_bytes)))
-        posted: deque = deque()
-
-        def post(i: int) -> None:
-            layer, part, c = messages[i]
-            n, nbytes = ranges[c][1] - ranges[c][0], page_bytes[part]
-            base = self._staging.take(n * nbytes, self._pages.device)
-            buf = base[: n * nbytes].view(n, nbytes)
-            try:
-                work = group.pg.recv([buf], SENDER_RANK, tag(ann.seq, layer, part, c))
-            except Exception as e:
-                raise peer_error(e, deadline) from e
-            posted.append((layer, part, c, work, base, buf))
-            if i == len(messages) - 1 and group.ordered:
-                group.pass_turn(ann.seq)
-
-        if group.ordered:
-            group.take_turn(ann.seq, deadline)
-        for i in range(min(window, len(messages))):
-            post(i)
-        checksum = Checksum()
-        for i in range(len(messages)):
-            layer, part, c, work, base, buf = posted.popleft()
-            wait_work(work, deadline)
-            deadline = time.monotonic() + self.timeout_s  # renewed on progress: the sender computes as it sends
-            if i + window < len(messages):
-                post(i + window)
-            checksum.update(buf)
-            with t.lock:
-                if write and not t.released:
-                    chunks[c].scatter(self._pages.parts(layer)[part], buf)
-            self._staging.give(base)
-            t.status.advance(KVPoll.TRANSFERRING)
-        if self._pages.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()  # pages visible to whatever stream decodes next
-        with group.store_lock:
-            sender_sum = group.store.get(checksum_key(t.transfer_id)).decode()
-            group.store.delete_key(checksum_key(t.transfer_id))
-        return checksum.hexdigest(), sender_sum

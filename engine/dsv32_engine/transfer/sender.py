@@ -13,9 +13,9 @@ from .errors import PeerUnreachable, TransferClosed, TransferError, TransferTime
 from .faults import FAULT_ENV, FaultPlan, corrupt_part
 from .issuer import SendIssuer
 from .pages import CachePages, Checksum, PageSet, StagingPool
-from .pair import (ANNOUNCE_QUEUE, RECEIVER_RANK, SENDER_RANK, Announcement, PairGroup, backend_for, build_group,
-                   checksum_key, chunk_ranges, connect_store, gen_key, group_prefix, local_address_towards,
-                   pages_per_chunk, parse_endpoint, seconds_left, tag)
+from .pair import (ANNOUNCE_QUEUE, RECEIVER_RANK, SENDER_RANK, Announcement, Message, PairGroup, backend_for,
+                   build_group, connect_store, encode_digest, gen_key, group_prefix, local_address_towards,
+                   message_plan, pages_per_chunk, parse_endpoint, seconds_left, tag)
 from .state import KVPoll, TransferResult, TransferState, TransferThreads
 
 
@@ -53,14 +53,15 @@ class KVSender:
 
     ``cache``: anything with ``layout``, ``latent`` and ``index`` (per-layer page pools). ``timeout_s``
     bounds each transfer from ``begin``. ``window_bytes``: messages in flight (and as many queued);
-    ``chunk_bytes``: size of one message. ``ordered``: issue a pair's transfers one after another (what
-    NCCL needs; default: on CUDA only; must match the receiver). ``fault``: a fault spec ``kind[:count]``
-    (``faults.FAULTS``; tests only), by default read from ``FAULT_ENV``. The source pages must stay unchanged
-    until ``finish`` returns or ``poll`` says SUCCESS or FAILED.
+    ``chunk_bytes``: the largest message (``pair.message_plan``). ``ordered``: issue a pair's transfers
+    one after another (what NCCL needs; default: on CUDA only; must match the receiver). ``fault``: a fault
+    spec ``kind[:count]`` (``faults.FAULTS``; tests only), by default read from ``FAULT_ENV``. The source
+    pages must stay unchanged until ``finish`` returns or ``poll`` says SUCCESS or FAILED (a run of pages
+    is sent from the pool in place).
     """
 
     def __init__(self, cache, worker_id: str, timeout_s: float = 30, window_bytes: int = 32 << 20,
-                 ordered: bool | None = None, fault: str | None = None, chunk_bytes: int = 2 << 20):
+                 ordered: bool | None = None, fault: str | None = None, chunk_bytes: int = 8 << 20):
         self.worker_id = worker_id
         self.timeout_s = timeout_s
         self._pages = CachePages(cache)
@@ -86,7 +87,7 @@ class KVSender:
         with self._lock:
             pair = self._pairs.setdefault((endpoint, decode_id), _Pair(endpoint, decode_id))
         pages = self._pages.page_set(src_pages)
-        chunk_pages = pages_per_chunk(len(pages), self._pages.latent_page_bytes, self._chunk_bytes)
+        chunk_pages = pages_per_chunk(self._pages.latent_page_bytes, self._chunk_bytes)
         h = SendHandle(transfer_id, pair, pages, num_layers, chunk_pages, self.timeout_s)
         h.token = token
         self._threads.start(self._run, h, f"kv-send-{transfer_id}")
@@ -191,56 +192,76 @@ class KVSender:
             pair.lock.release()
 
     def _stream(self, h: SendHandle, group: PairGroup, seq: int) -> TransferResult:
-        """Gather and checksum each layer as it is handed over, a chunk of pages a message; the issuer sends.
+        """Pack and checksum each message once its last layer is handed over; the issuer sends them, then
+        the checksum.
 
-        Chunks of ~``chunk_bytes`` keep the gathered pages in cache for the checksum and the socket copy;
-        about ``window_bytes`` of messages are in flight (as many again queued) at most.
+        A message that is one run of consecutive pages of one pool is sent from the pool in place (and
+        hashed there); others are gathered into a staging buffer block by block, each block hashed right
+        after its copy. About ``window_bytes`` of messages are in flight (as many again queued) at most.
         """
-        chunks = h.pages.chunks(chunk_ranges(len(h.pages), h.chunk_pages))
-        parts = self._pages.parts(0)
-        window = max(2, self._window_bytes // (h.chunk_pages * self._pages.page_bytes // len(parts)))
+        plan = message_plan(h.num_layers, len(h.pages), self._pages.part_bytes, h.chunk_pages)
+        window = max(2, self._window_bytes // max(m.nbytes for m in plan))
         issuer = SendIssuer(group.pg, RECEIVER_RANK, window, h.deadline, self._staging.give,
                             (lambda: group.pass_turn(seq)) if group.ordered else None)
-        checksum, last, checksum_s = Checksum(), h.num_layers - 1, 0.0
+        checksum, ready, fault = Checksum(self._pages.device), -1, None
         try:
-            for _ in range(h.num_layers):
-                try:
-                    layer, event = h._layers.get(timeout=seconds_left(h.deadline))
-                except queue.Empty:
-                    raise TransferTimeout(
-                        f"layer {h._next_layer} was not handed over within {self.timeout_s}s") from None
-                issuer.extend(h.deadline)
-                if layer == 0 and group.ordered:
-                    group.take_turn(seq, h.deadline)
-                h.status.advance(KVPoll.TRANSFERRING)
-                if event is not None:
-                    torch.cuda.current_stream().wait_event(event)
-                pools = self._pages.parts(layer)
-                fault = self._faults.take() if layer == last else None
-                for part, pool in enumerate(pools):
-                    for c, sub in enumerate(chunks):
-                        staging = None if sub.run_start is not None else self._staging.take(
-                            len(sub) * pool.shape[1], pool.device)
-                        buf = sub.gather(pool, staging)
-                        t0 = time.perf_counter()
-                        checksum.update(buf)
-                        checksum_s += time.perf_counter() - t0
-                        if fault and c == 0 and part == corrupt_part(fault, len(pools)):
-                            buf = _flip_first_byte(buf)
-                        issuer.put(buf, tag(seq, layer, part, c), staging)
-            with group.store_lock:  # before the sends complete is fine: the receiver's get waits for the key
-                group.store.set(checksum_key(h.transfer_id), checksum.hexdigest())
+            for i, message in enumerate(plan):
+                while ready < message.last_layer:
+                    ready = self._next_layer(h, group, seq, issuer)
+                    if ready == h.num_layers - 1:
+                        fault = self._faults.take()
+                buf, staging, hit = self._pack(h, message, checksum, fault)
+                fault = None if hit else fault  # one byte a transfer
+                issuer.put(buf, tag(seq, i), staging)
+            issuer.put(encode_digest(checksum.hexdigest(), self._pages.device), tag(seq, len(plan)), None)
         except BaseException:
             issuer.abort()
             raise
         issuer.finish()
         t_done = time.perf_counter()
         return TransferResult(h.transfer_id, len(h.pages) * self._pages.page_bytes * h.num_layers,
-                              checksum.hexdigest(), t_done - h.status.t_start, t_done - h.t_last_layer, checksum_s)
+                              checksum.hexdigest(), t_done - h.status.t_start, t_done - h.t_last_layer,
+                              checksum.seconds)
 
+    def _next_layer(self, h: SendHandle, group: PairGroup, seq: int, issuer: SendIssuer) -> int:
+        """Wait for the next ``send_layer``; the layer it handed over."""
+        try:
+            layer, event = h._layers.get(timeout=seconds_left(h.deadline))
+        except queue.Empty:
+            raise TransferTimeout(f"layer {h._next_layer} was not handed over within {self.timeout_s}s") from None
+        issuer.extend(h.deadline)
+        if layer == 0 and group.ordered:
+            group.take_turn(seq, h.deadline)
+        h.status.advance(KVPoll.TRANSFERRING)
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+        return layer
 
-def _flip_first_byte(buf: torch.Tensor) -> torch.Tensor:
-    """Fault injection, after the checksum: in a copy, never in the cache."""
-    buf = buf.clone()
-    buf.view(-1)[0] ^= 0xFF
-    return buf
+    def _pack(self, h: SendHandle, message: Message, checksum: Checksum, fault: str | None):
+        """One message's bytes, its staging buffer (None if sent in place), and whether ``fault`` hit it.
+        The bytes are hashed on the way; a fault flips the first byte of the last layer's pool it names,
+        after the checksum and never in the cache."""
+        def hit(seg) -> bool:
+            return bool(fault) and seg.layer == h.num_layers - 1 and \
+                seg.part == corrupt_part(fault, len(self._pages.part_bytes))
+
+        segments = message.segments
+        if len(segments) == 1:
+            seg = segments[0]
+            buf = h.pages.window(seg.a, seg.b).run(self._pages.parts(seg.layer)[seg.part])
+            if buf is not None:  # a run of pages: sent in place
+                checksum.update(buf)
+                if hit(seg):
+                    buf = buf.clone()
+                    buf.view(-1)[0] ^= 0xFF
+                return buf, None, hit(seg)
+        staging = self._staging.take(message.nbytes, self._pages.device)
+        offset, flipped = 0, False
+        for seg in segments:
+            out = staging[offset : offset + seg.nbytes].view(seg.b - seg.a, seg.page_bytes)
+            h.pages.window(seg.a, seg.b).gather(self._pages.parts(seg.layer)[seg.part], out, checksum)
+            if hit(seg) and not flipped:
+                out.view(-1)[0] ^= 0xFF
+                flipped = True
+            offset += seg.nbytes
+        return staging[: message.nbytes], staging, flipped

@@ -30,8 +30,9 @@ class TransferResult:
     num_bytes: int
     """Latent + indexer bytes of every transferred page, all layers."""
     checksum: str
-    """``kv1:<16 hex>`` over those bytes in layer order (layer 0 latent, layer 0 index, layer 1 latent...);
-    see ``pages.Checksum``. Equal on both sides, and equal to ``cache_checksum`` of the pages."""
+    """Over those bytes in wire order (layer 0 indexer, layer 0 latent, layer 1 indexer...): ``kv2:<32 hex>``
+    on CPU, ``kv1:<16 hex>`` on CUDA (``pages.Checksum``). Equal on both sides, and equal to
+    ``cache_checksum`` of the pages."""
     elapsed_s: float
     """Sender: ``begin`` to the last send completing. Receiver: ``expect`` to the last page landing."""
     wait_after_last_layer_s: float = 0.0

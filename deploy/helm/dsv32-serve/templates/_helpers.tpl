@@ -79,7 +79,7 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 
 {{/* Flags the chart sets itself: a role's `config` may not hold them. */}}
 {{- define "dsv32.managedFlags" -}}
-model numerics served_model_name host port http_port advertise_host worker_id redis_url redis_prefix metrics_port transfer_port device log_level otel_exporter ready_file exit_with_parent
+model numerics served_model_name host port http_port advertise_host worker_id redis_url redis_prefix metrics_port transfer_port device log_level otel_exporter ready_file exit_with_parent session_ttl
 {{- end }}
 
 {{/* The env of a role's main container. Call with (dict "root" $ "role" "prefill" "v" .Values.prefill). */}}
@@ -104,6 +104,8 @@ model numerics served_model_name host port http_port advertise_host worker_id re
   value: {{ $root.Values.logLevel | quote }}
 - name: DSV32_OTEL_EXPORTER
   value: {{ $root.Values.otelExporter | quote }}
+- name: DSV32_SESSION_TTL
+  value: {{ $root.Values.sessions.ttlSeconds | quote }}
 {{- if eq .role "router" }}
 - name: DSV32_HTTP_PORT
   value: {{ .v.httpPort | quote }}
